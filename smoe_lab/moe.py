@@ -1,0 +1,260 @@
+"""Top-1 Switch routing and the stacked-expert MoE layer.
+
+Routing is a pure function of the router logits (`top1_route`) with DeepSpeed-MoE's capacity rule and
+load-balancing loss. Experts are stacked tensors (w_in [E, d_model, d_ff] ...) so that merging and
+compaction are tensor operations, and the forward pass is sort-free index dispatch + two batched matmuls:
+no [tokens, experts, capacity] one-hot tensors, activation memory grows with tokens only.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def gelu(x: Tensor) -> Tensor:
+    """GPT-2's GELU (tanh approximation)."""
+    return F.gelu(x, approximate="tanh")
+
+
+def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
+    """DeepSpeed's rule: ceil(tokens / experts * factor) computed in float32, at least min_capacity.
+
+    float32 matters: e.g. 100 tokens, 2 experts, factor 1.2 gives 61 (50 * 1.2f = 60.000002).
+    """
+    cap = torch.ceil((num_tokens / num_experts) * torch.tensor(capacity_factor)).to(torch.int64)
+    return int(max(int(cap), min_capacity))
+
+
+@dataclass
+class Routing:
+    """The result of top-1 routing for N tokens over E experts."""
+
+    expert_index: Tensor  # [N] long: argmax expert (kept even when the token is dropped)
+    gate: Tensor  # [N] float: softmax probability of that expert (differentiable)
+    kept: Tensor  # [N] bool: processed by its expert (False: dropped by capacity, or padding)
+    position: Tensor  # [N] long: position of the token in its expert's buffer (token order)
+    capacity: int  # tokens an expert may process
+    aux_loss: Tensor  # scalar: E * sum_i f_i * P_i (alpha NOT applied)
+    routed_counts: Tensor  # [E] long: tokens whose argmax is each expert, before drops
+    gates: Tensor  # [N, E] float: full softmax (for telemetry / entropy)
+
+    @property
+    def processed_counts(self) -> Tensor:  # [E]
+        return torch.bincount(self.expert_index[self.kept], minlength=self.routed_counts.numel())
+
+
+def top1_route(
+    logits: Tensor,
+    capacity_factor: float,
+    min_capacity: int,
+    drop_tokens: bool = True,
+    mask: Tensor | None = None,
+) -> Routing:
+    """Top-1 (Switch) routing with DeepSpeed-MoE's capacity and load-balancing loss.
+
+    logits: [N, E]. mask: optional [N] bool, False for padding: padding is never routed and is excluded from
+    the counts, the aux loss and the capacity (capacity uses the number of real tokens).
+
+    Which tokens a full expert keeps: the first `capacity` in token order (cumulative count, as Switch/GShard).
+    Aux loss: E * sum_i f_i P_i with f_i the fraction of tokens whose argmax is i and P_i the mean router
+    probability of i. This is what DeepSpeed's top1gating computes; the paper's formula (Sec 2) omits the factor
+    E. The caller multiplies by alpha (aux_loss_coef, 0.01).
+    """
+    if logits.dim() != 2:
+        raise ValueError(f"top1_route: logits must be [N, E], got shape {tuple(logits.shape)}")
+    n, e = logits.shape
+    gates = F.softmax(logits.float(), dim=1)  # [N, E], fp32 like DeepSpeed
+    expert_index = torch.argmax(gates, dim=1)  # [N]
+    valid = torch.ones(n, dtype=torch.bool, device=logits.device) if mask is None else mask.reshape(n).bool()
+    n_valid = int(valid.sum())
+
+    routed_counts = torch.bincount(expert_index[valid], minlength=e)  # [E]
+    # Aux loss over real tokens only: P_i = mean prob, f_i = routed share.
+    denom = max(n_valid, 1)
+    me = (gates * valid.unsqueeze(1)).sum(0) / denom  # [E]
+    ce = routed_counts.to(gates.dtype) / denom  # [E]
+    aux_loss = torch.sum(me * ce) * e
+
+    # Position of each token in its expert's queue, in token order, without an [N, E] cumsum:
+    # a stable sort by expert groups tokens per expert in token order; position = rank within the group.
+    sort_key = torch.where(valid, expert_index, torch.full_like(expert_index, e))  # padding sorts last
+    order = torch.sort(sort_key, stable=True).indices  # [N]
+    group_sizes = torch.bincount(sort_key, minlength=e + 1)  # [E+1]
+    group_start = torch.cumsum(group_sizes, 0) - group_sizes  # [E+1]
+    position = torch.empty_like(expert_index)
+    position[order] = torch.arange(n, device=logits.device) - group_start[sort_key[order]]
+
+    if drop_tokens:
+        capacity = expert_capacity(n_valid, e, capacity_factor, min_capacity)
+        kept = valid & (position < capacity)
+    else:
+        capacity = int(routed_counts.max()) if n_valid else 0
+        kept = valid.clone()
+    gate = gates.gather(1, expert_index.unsqueeze(1)).squeeze(1)  # [N]
+    return Routing(expert_index, gate, kept, position, capacity, aux_loss, routed_counts, gates)
+
+
+class Experts(nn.Module):
+    """E two-layer GELU FFNs as stacked parameters; expert e: gelu(x @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e]."""
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.b_in = nn.Parameter(torch.zeros(num_experts, d_ff))
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.b_out = nn.Parameter(torch.zeros(num_experts, d_model))
+
+    @property
+    def num_experts(self) -> int:
+        return self.w_in.shape[0]
+
+    def forward_padded(self, xb: Tensor) -> Tensor:
+        """xb: [E, C, d_model] -> [E, C, d_model]; bias adds fused into the batched matmuls (baddbmm)."""
+        h = gelu(torch.baddbmm(self.b_in.unsqueeze(1), xb, self.w_in))  # [E, C, d_ff]
+        return torch.baddbmm(self.b_out.unsqueeze(1), h, self.w_out)  # [E, C, d_model]
+
+    def forward_one(self, e: int, x: Tensor) -> Tensor:
+        """Expert e on x [n, d_model] (reference path)."""
+        return gelu(x @ self.w_in[e] + self.b_in[e]) @ self.w_out[e] + self.b_out[e]
+
+
+@dataclass
+class MoETelemetry:
+    """Routing statistics of the last forward pass of one MoE layer (detached, real tokens only)."""
+
+    router_logits: Tensor  # [N_real, E]
+    routed_counts: Tensor  # [E] before drops
+    processed_counts: Tensor  # [E] after drops
+    dropped_fraction: float
+    router_entropy: float  # mean entropy (nats) of the router distribution
+    capacity: int
+
+
+class MoELayer(nn.Module):
+    """Top-1 Switch MoE FFN. `.router` is nn.Linear(d_model, E, bias=False); `.experts` holds the stacked FFNs.
+
+    forward(x [B, T, C], mask [B, T] | None) -> [B, T, C]. A kept token's output is gate * expert(x); a dropped
+    token's output is zero (the residual stream carries it). The load-balancing loss of the last call is in
+    `.aux_loss` (alpha not applied) and routing statistics in `.telemetry`.
+    """
+
+    def __init__(
+        self,
+        d_model: int,
+        d_ff: int,
+        num_experts: int,
+        capacity_factor_train: float = 1.2,
+        capacity_factor_eval: float = 1.0,
+        min_capacity: int = 4,
+        drop_tokens: bool = True,
+    ):
+        super().__init__()
+        self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.experts = Experts(num_experts, d_model, d_ff)
+        self.capacity_factor_train = capacity_factor_train
+        self.capacity_factor_eval = capacity_factor_eval
+        self.min_capacity = min_capacity
+        self.drop_tokens = drop_tokens
+        self.aux_loss: Tensor | None = None
+        self.telemetry: MoETelemetry | None = None
+        self.record_logits = True
+
+    @property
+    def num_experts(self) -> int:
+        return self.experts.num_experts
+
+    @property
+    def capacity_factor(self) -> float:
+        return self.capacity_factor_train if self.training else self.capacity_factor_eval
+
+    def route(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Routing]:
+        """x [N, C] -> (logits [N, E], Routing)."""
+        logits = self.router(x)  # [N, E]
+        return logits, top1_route(logits, self.capacity_factor, self.min_capacity, self.drop_tokens, mask)
+
+    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+        shape = x.shape
+        xf = x.reshape(-1, shape[-1])  # [N, C]
+        flat_mask = None if mask is None else mask.reshape(-1)
+        logits, r = self.route(xf, flat_mask)
+        y = dispatch_combine(self.experts, xf, r)  # [N, C]
+        self._record(logits, r, flat_mask)
+        return y.reshape(shape)
+
+    def _record(self, logits: Tensor, r: Routing, mask: Tensor | None) -> None:
+        self.aux_loss = r.aux_loss
+        with torch.no_grad():
+            valid = slice(None) if mask is None else mask.bool()
+            gates = r.gates[valid]
+            n_real = gates.shape[0]
+            entropy = float(-(gates * torch.log(gates.clamp_min(1e-20))).sum(1).mean()) if n_real else 0.0
+            processed = r.processed_counts
+            self.telemetry = MoETelemetry(
+                router_logits=logits.detach()[valid] if self.record_logits else logits.new_empty(0, logits.shape[1]),
+                routed_counts=r.routed_counts.detach(),
+                processed_counts=processed,
+                dropped_fraction=1.0 - float(processed.sum()) / max(n_real, 1),
+                router_entropy=entropy,
+                capacity=r.capacity,
+            )
+
+
+def dispatch_combine(experts: Experts, x: Tensor, r: Routing) -> Tensor:
+    """Index dispatch into a padded [E, C', d] buffer, two batched matmuls, gather back, scale by the gate.
+
+    C' = the largest number of kept tokens of any expert (<= capacity), so a balanced batch pads little.
+    x: [N, d] -> [N, d]; dropped tokens get zeros.
+    """
+    n, d = x.shape
+    e = experts.num_experts
+    kept = r.kept
+    counts = torch.bincount(r.expert_index[kept], minlength=e)  # [E]
+    c = int(counts.max()) if n else 0
+    if c == 0:
+        return x.new_zeros(n, d)
+    # slot of each kept token in the flattened [E * C'] buffer; dropped tokens point at a zero row (index n).
+    slot = r.expert_index * c + r.position  # [N]
+    src = torch.full((e * c,), n, dtype=torch.long, device=x.device)  # [E*C'] token feeding each slot
+    src[slot[kept]] = torch.nonzero(kept).squeeze(1)
+    x_pad = torch.cat([x, x.new_zeros(1, d)], 0)  # [N+1, d]
+    xb = x_pad[src].view(e, c, d)  # [E, C', d]
+    yb = experts.forward_padded(xb).reshape(e * c, d)  # [E*C', d]
+    y_pad = torch.cat([yb, yb.new_zeros(1, d)], 0)  # [E*C'+1, d]
+    out_slot = torch.where(kept, slot, torch.full_like(slot, e * c))  # [N]
+    scale = (r.gate * kept).to(x.dtype).unsqueeze(1)  # [N, 1]
+    return y_pad[out_slot] * scale
+
+
+def moe_reference(experts: Experts, x: Tensor, r: Routing) -> Tensor:
+    """The simple oracle: loop over experts with boolean masks. x [N, d] -> [N, d]."""
+    out = torch.zeros_like(x)
+    for e in range(experts.num_experts):
+        sel = r.kept & (r.expert_index == e)
+        if sel.any():
+            out[sel] = r.gate[sel].unsqueeze(1).to(x.dtype) * experts.forward_one(e, x[sel])
+    return out
+
+
+def init_moe_(layer: MoELayer, n_layer: int, generator: torch.Generator | None = None) -> None:
+    """GPT-2 init: normal(0, 0.02); the residual projection (w_out) scaled by 1/sqrt(2 n_layer); biases zero."""
+    std = 0.02
+    with torch.no_grad():
+        layer.router.weight.normal_(0.0, std, generator=generator)
+        layer.experts.w_in.normal_(0.0, std, generator=generator)
+        layer.experts.w_out.normal_(0.0, std / math.sqrt(2 * n_layer), generator=generator)
+        layer.experts.b_in.zero_()
+        layer.experts.b_out.zero_()
+
+
+def reinit_router_(layer: MoELayer, seed: int) -> None:
+    """Re-initialise a router with the same rule as at pretraining (normal 0.02), from a seed."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    with torch.no_grad():
+        w = torch.empty(layer.router.weight.shape).normal_(0.0, 0.02, generator=g)
+        layer.router.weight.copy_(w)

@@ -1,0 +1,118 @@
+import pytest
+import torch
+
+from smoe_lab.moe import MoELayer, dispatch_combine, expert_capacity, gelu, moe_reference, top1_route
+
+
+def test_capacity_matches_deepspeed_float32_rule():
+    assert expert_capacity(100, 2, 1.2, 4) == 61  # 50 * 1.2f = 60.000002 -> 61
+    assert expert_capacity(64, 8, 1.0, 4) == 8
+    assert expert_capacity(8, 8, 1.0, 4) == 4  # min capacity
+    assert expert_capacity(4096, 128, 1.2, 4) == 39
+
+
+def test_route_hand_built_logits_keeps_first_tokens_in_order():
+    # 6 tokens, 2 experts: tokens 0,1,2,4 prefer expert 0; 3,5 expert 1. capacity = max(ceil(3*0.5), 1) = 2
+    logits = torch.tensor([[2.0, 0], [3, 0], [1, 0], [0, 1], [5, 0], [0, 2]])
+    r = top1_route(logits, capacity_factor=0.5, min_capacity=1)
+    assert r.capacity == 2
+    assert r.expert_index.tolist() == [0, 0, 0, 1, 0, 1]
+    assert r.kept.tolist() == [True, True, False, True, False, True]
+    assert r.position.tolist() == [0, 1, 2, 0, 3, 1]
+    assert r.routed_counts.tolist() == [4, 2]
+    assert r.processed_counts.tolist() == [2, 2]
+    gates = torch.softmax(logits, 1)
+    f = torch.tensor([4 / 6, 2 / 6])
+    assert torch.allclose(r.aux_loss, 2 * (gates.mean(0) * f).sum())
+    # drop_tokens=False keeps everything
+    r2 = top1_route(logits, capacity_factor=0.5, min_capacity=1, drop_tokens=False)
+    assert r2.kept.all() and r2.capacity == 4
+
+
+def test_padding_is_not_routed_and_not_in_aux_loss():
+    torch.manual_seed(0)
+    logits = torch.randn(10, 4)
+    mask = torch.tensor([True] * 7 + [False] * 3)
+    r = top1_route(logits, 1.0, 1, mask=mask)
+    ref = top1_route(logits[:7], 1.0, 1)
+    assert not r.kept[7:].any()
+    assert torch.equal(r.kept[:7], ref.kept)
+    assert torch.equal(r.routed_counts, ref.routed_counts)
+    assert torch.allclose(r.aux_loss, ref.aux_loss)
+    assert r.capacity == ref.capacity
+
+
+@pytest.mark.parametrize("n,e,cf", [(100, 2, 1.2), (256, 8, 1.0), (333, 16, 1.2), (64, 32, 1.0), (4096, 128, 1.2)])
+def test_top1_route_parity_with_deepspeed(n, e, cf):
+    sharded_moe = pytest.importorskip("deepspeed.moe.sharded_moe")
+    g = torch.Generator().manual_seed(n + e)
+    logits = torch.randn(n, e, generator=g) * 2
+    logits[:, 0] += 2.0  # imbalance so that drops happen
+    l_aux, combine, dispatch, exp_counts = sharded_moe.top1gating(logits, cf, 4, drop_tokens=True, use_rts=False)
+    r = top1_route(logits, cf, 4)
+    assert r.capacity == combine.shape[2]
+    assert torch.allclose(r.aux_loss, l_aux, rtol=1e-6)
+    assert torch.equal(r.routed_counts, exp_counts)
+    assert torch.equal(r.processed_counts, dispatch.sum(dim=(0, 2)))
+    assert r.kept.sum() < n  # the test really exercises dropping
+    # Which tokens a full expert keeps differs (DeepSpeed: topk tie order), but where both keep a token its
+    # gate equals DeepSpeed's combine weight.
+    ds_gate = combine.sum(dim=(1, 2))
+    both = r.kept & (ds_gate > 0)
+    assert both.sum() > 0
+    assert torch.allclose(r.gate[both], ds_gate[both], rtol=1e-6)
+
+
+def _layer(e, d=16, f=32, seed=0):
+    torch.manual_seed(seed)
+    layer = MoELayer(d, f, e, capacity_factor_train=1.2, capacity_factor_eval=1.0, min_capacity=4)
+    for p in layer.parameters():
+        torch.nn.init.normal_(p, std=0.3)
+    return layer
+
+
+def test_single_expert_equals_dense_ffn():
+    layer = _layer(1).eval()
+    x = torch.randn(2, 9, 16)
+    dense = gelu(x @ layer.experts.w_in[0] + layer.experts.b_in[0]) @ layer.experts.w_out[0] + layer.experts.b_out[0]
+    assert torch.allclose(layer(x), dense, atol=1e-6)
+    assert layer.telemetry.dropped_fraction == 0.0
+
+
+@pytest.mark.parametrize("e", [2, 8, 32])
+def test_fast_dispatch_equals_reference_forward_and_backward(e):
+    layer = _layer(e).train()
+    x = torch.randn(200, 16, requires_grad=True)
+    logits, r = layer.route(x)
+    y_fast = dispatch_combine(layer.experts, x, r)
+    g = torch.randn_like(y_fast)
+    grads_fast = torch.autograd.grad((y_fast * g).sum(), [x, *layer.parameters()], allow_unused=True)
+    logits, r = layer.route(x)
+    y_ref = moe_reference(layer.experts, x, r)
+    grads_ref = torch.autograd.grad((y_ref * g).sum(), [x, *layer.parameters()], allow_unused=True)
+    assert torch.allclose(y_fast, y_ref, atol=1e-5)
+    for a, b in zip(grads_fast, grads_ref):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_dropped_tokens_output_zero_and_telemetry():
+    layer = _layer(4)
+    with torch.no_grad():
+        layer.router.weight.zero_()
+        layer.router.weight[2] = 1.0  # everything prefers expert 2
+    layer.eval()
+    x = torch.rand(1, 40, 16) + 0.1  # positive inputs -> expert 2 wins for all
+    y = layer(x)
+    t = layer.telemetry
+    cap = expert_capacity(40, 4, 1.0, 4)
+    assert t.routed_counts.tolist() == [0, 0, 40, 0]
+    assert t.processed_counts.tolist() == [0, 0, cap, 0]
+    assert t.dropped_fraction == pytest.approx(1 - cap / 40)
+    assert torch.all(y[0, cap:] == 0) and torch.all(y[0, :cap].abs().sum(-1) > 0)
+    assert t.router_logits.shape == (40, 4)
+
+
+def test_capacity_factor_follows_train_eval_mode():
+    layer = _layer(4)
+    assert layer.train().capacity_factor == 1.2
+    assert layer.eval().capacity_factor == 1.0
