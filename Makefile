@@ -11,7 +11,6 @@ $(STAMP): pyproject.toml
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch is pinned in the same command as deepspeed so pip keeps the CPU build (see README).
 	$(BIN)/python -m pip install -q "torch==2.13.0" -e ".[dev]"
-	$(BIN)/python -m ipykernel install --user --name python3 >/dev/null
 	touch $(STAMP)
 
 data: $(STAMP)

@@ -217,7 +217,7 @@ class TrainConfig(_FromDict):
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
-    engine: str = "torch"  # torch | deepspeed
+    engine: str = "torch"
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -243,8 +243,8 @@ class TrainConfig(_FromDict):
             _fail(c, "device", f"must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             _fail(c, "dtype", f"must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.engine not in ("torch", "deepspeed"):
-            _fail(c, "engine", f"must be torch or deepspeed, got {self.engine!r}")
+        if self.engine != "torch":
+            _fail(c, "engine", f"must be 'torch' (the deepspeed engine is not available yet), got {self.engine!r}")
 
     @property
     def grad_accum_steps(self) -> int:

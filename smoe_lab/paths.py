@@ -53,3 +53,13 @@ def params_dir() -> Path:
     if root is None:
         raise FileNotFoundError("params/ is only available in a source checkout of smoe_lab")
     return root / "params"
+
+
+def resolve_out_dir(path: str | Path) -> Path:
+    """A run folder: absolute paths as given; relative ones against the source checkout (else the cwd), so a
+    notebook executed by nbmake (cwd notebooks/) or papermill (cwd anywhere) writes to the same place."""
+    p = Path(path).expanduser()
+    if p.is_absolute():
+        return p
+    root = repo_root()
+    return ((root if root else Path.cwd()) / p).resolve()

@@ -1,0 +1,110 @@
+"""Validated parameter sets of the notebooks.
+
+Each notebook has exactly one `parameters` cell of literals; the cell after it builds one of these dataclasses
+from those names, so a wrong type or value fails loudly in the notebook, and `smoe-lab run` rejects unknown
+keys in a params YAML before papermill starts (papermill itself only warns about them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .config import MODEL_PRESETS, ModelConfig, TrainConfig, _FromDict, load_yaml
+from .paths import resolve_out_dir
+
+
+def _err(nb: str, name: str, msg: str) -> None:
+    raise ValueError(f"notebook parameter {nb}.{name}: {msg}")
+
+
+@dataclass
+class NotebookParams(_FromDict):
+    """Base: from_namespace picks this dataclass's fields out of a notebook's globals()."""
+
+    NOTEBOOK = ""
+
+    @classmethod
+    def from_namespace(cls, ns: dict[str, Any]):
+        names = [f.name for f in dataclasses.fields(cls)]
+        missing = [n for n in names if n not in ns]
+        if missing:
+            raise ValueError(f"notebook {cls.NOTEBOOK}: parameters cell is missing {missing}")
+        return cls(**{n: ns[n] for n in names})
+
+    @classmethod
+    def from_yaml(cls, path: str | Path, **overrides: Any):
+        return cls.from_dict({**load_yaml(path), **overrides})
+
+    @classmethod
+    def check_keys(cls, keys) -> None:
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(keys) - names)
+        if unknown:
+            raise ValueError(f"notebook {cls.NOTEBOOK}: unknown parameter(s) {unknown}; known: {sorted(names)}")
+
+
+@dataclass
+class PretrainNotebook(NotebookParams):
+    """01_pretrain: train each variant (1 = dense, E > 1 = E experts per MoE layer) on the same tokens."""
+
+    NOTEBOOK = "01_pretrain"
+    preset: str = "tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    variants: list[int] = field(default_factory=lambda: [1, 8, 32])
+    tokens: int = 2_000_000
+    batch_size: int = 32
+    micro_batch_size: int = 32
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    eval_every: int = 50
+    eval_batches: int = 16
+    seed: int = 0
+    corpus: str = "tiny"
+    out_dir: str = "runs/quickstart"
+    progress: bool = True
+
+    def __post_init__(self) -> None:
+        nb = self.NOTEBOOK
+        self.out_dir = str(resolve_out_dir(self.out_dir))
+        if self.preset not in MODEL_PRESETS:
+            _err(nb, "preset", f"unknown preset {self.preset!r}; known: {sorted(MODEL_PRESETS)}")
+        if not isinstance(self.variants, list) or not self.variants:
+            _err(nb, "variants", f"must be a non-empty list of expert counts, got {self.variants!r}")
+        for v in self.variants:
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                _err(nb, "variants", f"expert counts must be integers >= 1 (1 = dense), got {v!r}")
+        if len(set(self.variants)) != len(self.variants):
+            _err(nb, "variants", f"has duplicates: {self.variants}")
+        if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
+            _err(nb, "tokens", f"must be a positive integer, got {self.tokens!r}")
+        for v in self.variants:  # validates model_overrides and the train settings now, not mid-run
+            self.model_config(v)
+        self.train_config()
+
+    def model_config(self, num_experts: int) -> ModelConfig:
+        return ModelConfig.preset(self.preset, **{**self.model_overrides, "num_experts": num_experts})
+
+    def train_config(self) -> TrainConfig:
+        block = ModelConfig.preset(self.preset, **self.model_overrides).block_size
+        steps = max(1, -(-self.tokens // (self.batch_size * block)))
+        return TrainConfig(
+            max_steps=steps,
+            batch_size=self.batch_size,
+            micro_batch_size=self.micro_batch_size,
+            lr=self.lr,
+            min_lr=self.min_lr,
+            warmup_steps=min(self.warmup_steps, steps),
+            weight_decay=self.weight_decay,
+            eval_every=min(self.eval_every, steps) if self.eval_every else 0,
+            eval_batches=self.eval_batches,
+            log_every=max(1, min(10, steps // 20)),
+            seed=self.seed,
+        )
+
+
+NOTEBOOK_PARAMS: dict[str, type[NotebookParams]] = {PretrainNotebook.NOTEBOOK: PretrainNotebook}

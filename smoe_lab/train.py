@@ -1,0 +1,336 @@
+"""Training loops: one optimisation core (`fit`) used by pretraining and finetuning.
+
+AdamW (weight decay on matrices only), linear warmup + linear decay, gradient clipping, gradient accumulation up
+to the global batch, bf16 autocast on CUDA / fp32 on CPU, aux loss added with its coefficient, periodic
+evaluation, JSONL metrics, tqdm progress, atomic checkpoints and exact resume.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from . import checkpoint
+from .config import ModelConfig, PretrainParams, TrainConfig
+from .model import GPT
+
+Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # (idx [B, T], targets [B, T], mask [B, T] | None)
+NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")
+
+
+# -- small pure pieces --------------------------------------------------------------------------------------------
+def lr_at(step: int, cfg: TrainConfig) -> float:
+    """Linear warmup from 0 to cfg.lr over warmup_steps, then linear decay to min_lr at max_steps."""
+    if cfg.warmup_steps and step < cfg.warmup_steps:
+        return cfg.lr * (step + 1) / cfg.warmup_steps
+    span = max(cfg.max_steps - cfg.warmup_steps, 1)
+    frac = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
+    return cfg.lr + (cfg.min_lr - cfg.lr) * frac
+
+
+def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """Weight decay on matrices (embeddings, attention, FFN/expert weights, routers); none on biases and norms.
+
+    Stacked expert biases b_in [E, d_ff] are 2-D but are biases: they are matched by name.
+    """
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_matrix = p.dim() >= 2 and not name.endswith(NO_DECAY_SUFFIXES)
+        (decay if is_matrix else no_decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
+    return torch.optim.AdamW(
+        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=False
+    )
+
+
+def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if cfg.device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("TrainConfig.device: 'cuda' requested but no CUDA device is available")
+    return torch.device(cfg.device)
+
+
+def autocast_for(device: torch.device, cfg: TrainConfig):
+    """bf16 autocast on CUDA (auto or bfloat16), fp32 on CPU unless bfloat16 is asked for explicitly."""
+    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
+    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    try:
+        import resource
+
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    except ImportError:  # pragma: no cover - non-POSIX
+        return float("nan")
+
+
+class MetricsLog:
+    """Append-only JSONL metrics. On resume, lines past the resumed step are dropped (they were never saved)."""
+
+    def __init__(self, path: Path, resume_step: int | None = None):
+        self.path = path
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if resume_step is None:
+            path.write_text("")
+        elif path.exists():
+            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
+            checkpoint.atomic_write_text(path, "".join(x + "\n" for x in keep))
+
+    def write(self, **row: Any) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+
+
+def read_metrics(path: str | Path) -> list[dict[str, Any]]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"metrics file not found: {path}")
+    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
+
+
+# -- the loop -----------------------------------------------------------------------------------------------------
+@dataclass
+class FitResult:
+    steps: int
+    tokens: int
+    seconds: float
+    final_loss: float
+    eval: dict[str, float] = field(default_factory=dict)
+    checkpoint: str | None = None
+    metrics: str | None = None
+    peak_memory_mb: float = 0.0
+
+
+def _telemetry_row(model: GPT) -> dict[str, Any]:
+    tel = [t for t in model.telemetry() if t is not None]
+    if not tel:
+        return {}
+    return {
+        "drop_frac": [round(t.dropped_fraction, 5) for t in tel],
+        "router_entropy": [round(t.router_entropy, 4) for t in tel],
+    }
+
+
+def fit(
+    model: GPT,
+    cfg: TrainConfig,
+    next_batch: Callable[[], Batch],
+    out_dir: str | Path,
+    generator: torch.Generator,
+    evaluate: Callable[[GPT], dict[str, float]] | None = None,
+    resume: bool = False,
+    meta: dict[str, Any] | None = None,
+    progress: bool = True,
+    desc: str = "train",
+    checkpoint_name: str = "checkpoint",
+    on_eval: Callable[[int, dict[str, float]], None] | None = None,
+) -> FitResult:
+    """Optimise loss + aux for cfg.max_steps steps; each step accumulates cfg.grad_accum_steps micro-batches.
+
+    next_batch() draws one micro-batch using `generator` (whose state is checkpointed, so resume is exact).
+    Only parameters with requires_grad are optimised (router-only warm-up freezes the rest).
+    Raises FloatingPointError on a non-finite loss, before anything is written for that step.
+    """
+    out_dir = Path(out_dir)
+    device = next(model.parameters()).device
+    ck_path = out_dir / checkpoint_name
+    opt = make_optimizer(model, cfg)
+    start = 0
+    if resume:
+        state = checkpoint.load_train_state(ck_path)
+        if state is None:
+            raise FileNotFoundError(f"--resume: no checkpoint with train state at {ck_path}")
+        weights = checkpoint.load(ck_path, device=device)
+        model.load_state_dict(weights.state_dict())
+        opt.load_state_dict(state["optimizer"])
+        generator.set_state(state["generator"])
+        torch.set_rng_state(state["torch_rng"])
+        start = int(state["step"])
+    log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if resume else None)
+    accum = cfg.grad_accum_steps
+    tokens_per_step = 0
+    t0 = time.perf_counter()
+    last_loss = float("nan")
+    eval_row: dict[str, float] = {}
+
+    def save(step: int) -> None:
+        train_state = {
+            "step": step,
+            "optimizer": opt.state_dict(),
+            "generator": generator.get_state(),
+            "torch_rng": torch.get_rng_state(),
+        }
+        checkpoint.save(model, ck_path, train_state=train_state, step=step, **(meta or {}))
+
+    bar = tqdm(range(start, cfg.max_steps), desc=desc, disable=not progress, initial=start, total=cfg.max_steps)
+    for step in bar:
+        model.train()
+        lr = lr_at(step, cfg)
+        for g in opt.param_groups:
+            g["lr"] = lr
+        ts = time.perf_counter()
+        loss_sum = aux_sum = 0.0
+        tokens_per_step = 0
+        for _ in range(accum):
+            idx, targets, mask = next_batch()
+            idx, targets = idx.to(device), targets.to(device)
+            mask = None if mask is None else mask.to(device)
+            with autocast_for(device, cfg):
+                _, loss, aux = model(idx, targets, mask=mask)
+            total = (loss + aux) / accum
+            if not torch.isfinite(total):
+                raise FloatingPointError(
+                    f"non-finite loss at step {step} (lm {loss.item():.4g}, aux {aux.item():.4g}); "
+                    f"last good checkpoint: {ck_path if ck_path.exists() else 'none'} - lower the learning rate"
+                )
+            total.backward()
+            loss_sum += loss.item() / accum
+            aux_sum += aux.item() / accum
+            tokens_per_step += int(targets.ne(-1).sum())
+        grad_norm = torch.nn.utils.clip_grad_norm_(
+            [p for g in opt.param_groups for p in g["params"]], cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
+        )
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        last_loss = loss_sum
+        dt = time.perf_counter() - ts
+        done = step + 1
+        if done % cfg.log_every == 0 or done == cfg.max_steps or done == start + 1:
+            log.write(
+                kind="train",
+                step=done,
+                loss=round(loss_sum, 6),
+                aux=round(aux_sum, 6),
+                lr=lr,
+                grad_norm=round(float(grad_norm), 5),
+                tokens=done * tokens_per_step,
+                tokens_per_s=round(tokens_per_step / max(dt, 1e-9), 1),
+                **_telemetry_row(model),
+            )
+            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}")
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.max_steps:
+            save(done)
+        if evaluate is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
+            eval_row = evaluate(model)
+            log.write(kind="eval", step=done, tokens=done * tokens_per_step, **eval_row)
+            if on_eval is not None:
+                on_eval(done, eval_row)
+    seconds = time.perf_counter() - t0
+    return FitResult(
+        steps=cfg.max_steps,
+        tokens=cfg.max_steps * tokens_per_step,
+        seconds=seconds,
+        final_loss=last_loss,
+        eval=eval_row,
+        checkpoint=str(ck_path) if ck_path.exists() else None,
+        metrics=str(out_dir / "metrics.jsonl"),
+        peak_memory_mb=peak_memory_mb(device),
+    )
+
+
+# -- pretraining --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def lm_eval_loss(model: GPT, batches: Iterator[tuple[torch.Tensor, torch.Tensor]], device, cfg: TrainConfig) -> float:
+    """Mean LM loss over fixed evaluation windows, in eval mode (eval capacity factor)."""
+    model.eval()
+    total, n = 0.0, 0
+    for x, y in batches:
+        with autocast_for(device, cfg):
+            _, loss, _ = model(x.to(device), y.to(device))
+        total += loss.item()
+        n += 1
+    if n == 0:
+        raise ValueError("evaluation split is empty: no full block_size window fits in it")
+    return total / n
+
+
+def pretrain(
+    model_cfg: ModelConfig,
+    train_cfg: TrainConfig,
+    corpus: str | Path,
+    out_dir: str | Path,
+    resume: bool = False,
+    progress: bool = True,
+) -> FitResult:
+    """Pretrain a GPT (dense or SMoE) on a prepared corpus; checkpoint + metrics.jsonl go to out_dir."""
+    from .data.corpus import get_batch, iter_eval_batches
+
+    corpus_obj = resolve_corpus(corpus)
+    if corpus_obj.tokenizer.vocab_size > model_cfg.vocab_size:
+        raise ValueError(
+            f"ModelConfig.vocab_size: {model_cfg.vocab_size} is smaller than the corpus tokenizer's "
+            f"{corpus_obj.tokenizer.vocab_size}"
+        )
+    train_tokens = corpus_obj.split("train")
+    val_tokens = corpus_obj.split("val")
+    device = resolve_device(train_cfg)
+    torch.manual_seed(train_cfg.seed)
+    model = GPT(model_cfg, seed=train_cfg.seed).to(device)
+    gen = torch.Generator().manual_seed(train_cfg.seed)
+    t = model_cfg.block_size
+
+    def next_batch() -> Batch:
+        x, y = get_batch(train_tokens, train_cfg.micro_batch_size, t, gen)
+        return x, y, None
+
+    def evaluate(m: GPT) -> dict[str, float]:
+        batches = iter_eval_batches(val_tokens, train_cfg.micro_batch_size, t, max_batches=train_cfg.eval_batches)
+        return {"val_loss": round(lm_eval_loss(m, batches, device, train_cfg), 6)}
+
+    meta = {
+        "kind": "pretrain",
+        "corpus": str(corpus_obj.path),
+        "label": model_cfg.label(),
+        "params": model.num_params(),
+        "active_params": model.num_active_params(),
+        "train_config": train_cfg.to_dict(),
+    }
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint.atomic_write_text(out_dir / "run.json", json.dumps(meta, indent=2, default=str))
+    return fit(
+        model, train_cfg, next_batch, out_dir, gen, evaluate, resume, meta, progress, f"pretrain {model_cfg.label()}"
+    )
+
+
+def resolve_corpus(spec: str | Path):
+    """A prepared corpus folder, or a recipe name of smoe_lab.data.corpus (prepared on first use)."""
+    from .data.corpus import RECIPES, open_corpus, prepare
+
+    p = Path(spec)
+    if p.is_dir():
+        return open_corpus(p)
+    if str(spec) in RECIPES:
+        return open_corpus(prepare(str(spec)))
+    raise FileNotFoundError(
+        f"corpus not found: {spec!r} is neither a prepared corpus folder nor a recipe {sorted(RECIPES)}"
+    )
+
+
+def pretrain_from_params(params: PretrainParams, progress: bool = True) -> FitResult:
+    return pretrain(
+        params.model_config(), params.train_config(), params.corpus, params.out_dir, params.resume, progress=progress
+    )
+
+
+def steps_for_tokens(tokens: int, cfg: TrainConfig, block_size: int) -> int:
+    """Optimizer steps that consume `tokens` tokens at cfg.batch_size sequences of block_size."""
+    return max(1, math.ceil(tokens / (cfg.batch_size * block_size)))
