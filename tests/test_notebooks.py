@@ -1,0 +1,84 @@
+"""Notebooks are tested like code: structure, parameters, and an end-to-end papermill run with CI params."""
+
+import ast
+import json
+
+import pytest
+
+from smoe_lab import paths
+from smoe_lab.config import load_yaml
+from smoe_lab.notebook_params import NOTEBOOK_PARAMS
+from smoe_lab.pipeline import pipeline_plan, run_pipeline
+
+NOTEBOOKS = sorted(paths.notebooks_dir().glob("*.ipynb"))
+
+
+def _parameters_cell(nb_path):
+    nb = json.loads(nb_path.read_text())
+    cells = [c for c in nb["cells"] if "parameters" in c["metadata"].get("tags", [])]
+    assert len(cells) == 1, f"{nb_path.name}: needs exactly one cell tagged 'parameters'"
+    return nb, "".join(cells[0]["source"])
+
+
+def _literals(src):
+    """name -> value of a parameters cell; fails unless every statement assigns a literal."""
+    out = {}
+    for stmt in ast.parse(src).body:
+        assert isinstance(stmt, ast.Assign) and len(stmt.targets) == 1, ast.unparse(stmt)
+        out[stmt.targets[0].id] = ast.literal_eval(stmt.value)
+    return out
+
+
+@pytest.mark.parametrize("nb_path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_structure(nb_path):
+    nb, src = _parameters_cell(nb_path)
+    assert all(not c.get("outputs") for c in nb["cells"] if c["cell_type"] == "code"), "committed with outputs"
+    assert nb["metadata"]["kernelspec"]["name"] == "python3"
+    defaults = _literals(src)
+    schema = NOTEBOOK_PARAMS[nb_path.stem]
+    schema.check_keys(defaults)
+    # the committed defaults are the CI set, so nbmake runs the notebook in seconds
+    ci = load_yaml(paths.params_dir() / nb_path.stem / "ci.yaml")
+    assert {k: v for k, v in defaults.items() if k != "out_dir"} == ci
+
+
+@pytest.mark.parametrize("nb", sorted(NOTEBOOK_PARAMS))
+@pytest.mark.parametrize("level", ["ci", "quick", "paper"])
+def test_every_params_file_validates(nb, level):
+    f = paths.params_dir() / nb / f"{level}.yaml"
+    assert f.is_file(), f"missing {f}"
+    schema = NOTEBOOK_PARAMS[nb]
+    params = load_yaml(f)
+    schema.check_keys(params)
+    schema.from_dict(params)
+
+
+def test_bad_parameter_fails_before_anything_runs(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: bad\nbase: ci\nnotebooks:\n  01_pretrain: {varients: [1, 8]}\n")
+    with pytest.raises(ValueError, match="unknown parameter.*varients"):
+        run_pipeline(params_file=str(bad), out_dir=str(tmp_path / "out"))
+    bad.write_text("name: bad\nbase: ci\nnotebooks:\n  01_pretrain: {variants: [0]}\n")
+    with pytest.raises(ValueError, match="01_pretrain.variants"):
+        run_pipeline(params_file=str(bad), out_dir=str(tmp_path / "out"))
+    assert not (tmp_path / "out").exists()
+
+
+def test_quickstart_alias_plans_every_notebook():
+    name, plan = pipeline_plan("quickstart", None)
+    assert name == "quickstart" and list(plan)[0] == "01_pretrain" and set(plan) == set(NOTEBOOK_PARAMS)
+
+
+def test_ci_pipeline_end_to_end(tmp_path):
+    logs = []
+    out = run_pipeline("ci", out_dir=str(tmp_path / "ci"), log=logs.append)
+    for nb in NOTEBOOK_PARAMS:
+        assert (out / f"{nb}.ipynb").is_file()
+    assert (out / "figures" / "fig6_train_loss.png").stat().st_size > 10_000
+    assert (out / "figures" / "fig6_train_loss.html").is_file()
+    table = (out / "tables" / "pretrain.csv").read_text().splitlines()
+    assert table[0].startswith("model,params,active_params") and len(table) == 3
+    # a second run skips every notebook: outputs are up to date
+    logs.clear()
+    run_pipeline("ci", out_dir=str(out), log=logs.append)
+    assert sum("up to date" in line for line in logs) == len(NOTEBOOK_PARAMS)
