@@ -23,6 +23,7 @@ from .config import ModelConfig
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
+TOKENIZER = "tokenizer"
 FORMAT_VERSION = 1
 
 
@@ -67,10 +68,21 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def save(model: torch.nn.Module, path: str | Path, train_state: dict[str, Any] | None = None, **meta: Any) -> Path:
-    """Write model weights + config (+ optional train state) to the folder `path`, atomically."""
+def save(
+    model: torch.nn.Module,
+    path: str | Path,
+    train_state: dict[str, Any] | None = None,
+    tokenizer: Any = None,
+    **meta: Any,
+) -> Path:
+    """Write model weights + config (+ optional train state and tokenizer) to the folder `path`, atomically.
+
+    With a tokenizer the checkpoint is self-contained: `load_tokenizer(path)` needs nothing else.
+    """
     path = Path(path)
     with atomic_dir(path) as tmp:
+        if tokenizer is not None:
+            tokenizer.save(tmp / TOKENIZER)
         save_file(_state_for_saving(model), str(tmp / WEIGHTS), metadata={"format": "pt"})
         doc = {"format_version": FORMAT_VERSION, "model_config": model.config.to_dict(), "meta": meta}
         (tmp / CONFIG).write_text(json.dumps(doc, indent=2, sort_keys=True, default=str))
@@ -108,6 +120,19 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
     model.checkpoint_meta = meta
     model.checkpoint_path = str(path)
     return model.to(device).eval()
+
+
+def load_tokenizer(path: str | Path):
+    """The tokenizer saved with a checkpoint (or, for older checkpoints, the one of the corpus it was trained on)."""
+    from .data.tokenizer import load_tokenizer as _load
+
+    path = Path(path)
+    if (path / TOKENIZER).is_dir():
+        return _load(path / TOKENIZER)
+    _, meta = read_config(path)
+    if meta.get("corpus") and (Path(meta["corpus"]) / "tokenizer").is_dir():
+        return _load(Path(meta["corpus"]) / "tokenizer")
+    raise FileNotFoundError(f"checkpoint {path} has no tokenizer/ folder and names no corpus with one")
 
 
 def load_train_state(path: str | Path) -> dict[str, Any] | None:

@@ -142,6 +142,7 @@ def fit(
     desc: str = "train",
     checkpoint_name: str = "checkpoint",
     on_eval: Callable[[int, dict[str, float]], None] | None = None,
+    tokenizer: Any = None,
 ) -> FitResult:
     """Optimise loss + aux for cfg.max_steps steps; each step accumulates cfg.grad_accum_steps micro-batches.
 
@@ -178,7 +179,7 @@ def fit(
             "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(),
         }
-        checkpoint.save(model, ck_path, train_state=train_state, step=step, **(meta or {}))
+        checkpoint.save(model, ck_path, train_state=train_state, tokenizer=tokenizer, step=step, **(meta or {}))
 
     bar = tqdm(range(start, cfg.max_steps), desc=desc, disable=not progress, initial=start, total=cfg.max_steps)
     for step in bar:
@@ -306,9 +307,9 @@ def pretrain(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write_text(out_dir / "run.json", json.dumps(meta, indent=2, default=str))
-    return fit(
-        model, train_cfg, next_batch, out_dir, gen, evaluate, resume, meta, progress, f"pretrain {model_cfg.label()}"
-    )
+    desc = f"pretrain {model_cfg.label()}"
+    tok = corpus_obj.tokenizer
+    return fit(model, train_cfg, next_batch, out_dir, gen, evaluate, resume, meta, progress, desc, tokenizer=tok)
 
 
 def resolve_corpus(spec: str | Path):
