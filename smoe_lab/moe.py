@@ -77,7 +77,7 @@ def top1_route(
     routed_counts = torch.bincount(expert_index[valid], minlength=e)  # [E]
     # Aux loss over real tokens only: P_i = mean prob, f_i = routed share.
     denom = max(n_valid, 1)
-    me = (gates * valid.unsqueeze(1)).sum(0) / denom  # [E]
+    me = gates.mean(0) if mask is None else (gates * valid.unsqueeze(1)).sum(0) / denom  # [E]
     ce = routed_counts.to(gates.dtype) / denom  # [E]
     aux_loss = torch.sum(me * ce) * e
 
@@ -126,14 +126,30 @@ class Experts(nn.Module):
 
 @dataclass
 class MoETelemetry:
-    """Routing statistics of the last forward pass of one MoE layer (detached, real tokens only)."""
+    """Routing statistics of the last forward pass of one MoE layer (detached, real tokens only).
 
-    router_logits: Tensor  # [N_real, E]
+    Only tensors are stored in the forward pass (no host syncs on GPU); floats are derived on access.
+    """
+
+    router_logits: Tensor  # [N_real, E] (empty [0, E] when the layer's record_logits is False)
+    router_probs: Tensor  # [N_real, E] softmax of the logits
     routed_counts: Tensor  # [E] before drops
     processed_counts: Tensor  # [E] after drops
-    dropped_fraction: float
-    router_entropy: float  # mean entropy (nats) of the router distribution
     capacity: int
+
+    @property
+    def num_tokens(self) -> int:
+        return self.router_probs.shape[0]
+
+    @property
+    def dropped_fraction(self) -> float:
+        return 1.0 - float(self.processed_counts.sum()) / max(self.num_tokens, 1)
+
+    @property
+    def router_entropy(self) -> float:
+        """Mean entropy (nats) of the router distribution over real tokens."""
+        p = self.router_probs
+        return float(-(p * torch.log(p.clamp_min(1e-20))).sum(1).mean()) if self.num_tokens else 0.0
 
 
 class MoELayer(nn.Module):
@@ -189,27 +205,44 @@ class MoELayer(nn.Module):
 
     def _record(self, logits: Tensor, r: Routing, mask: Tensor | None) -> None:
         self.aux_loss = r.aux_loss
-        with torch.no_grad():
-            valid = slice(None) if mask is None else mask.bool()
-            gates = r.gates[valid]
-            n_real = gates.shape[0]
-            entropy = float(-(gates * torch.log(gates.clamp_min(1e-20))).sum(1).mean()) if n_real else 0.0
-            processed = r.processed_counts
-            self.telemetry = MoETelemetry(
-                router_logits=logits.detach()[valid] if self.record_logits else logits.new_empty(0, logits.shape[1]),
-                routed_counts=r.routed_counts.detach(),
-                processed_counts=processed,
-                dropped_fraction=1.0 - float(processed.sum()) / max(n_real, 1),
-                router_entropy=entropy,
-                capacity=r.capacity,
-            )
+        valid = slice(None) if mask is None else mask.bool()
+        logits = logits.detach()
+        self.telemetry = MoETelemetry(
+            router_logits=logits[valid] if self.record_logits else logits.new_empty(0, logits.shape[1]),
+            router_probs=r.gates.detach()[valid],
+            routed_counts=r.routed_counts.detach(),
+            processed_counts=r.processed_counts,
+            capacity=r.capacity,
+        )
+
+
+class _GatherRows(torch.autograd.Function):
+    """y = x[fwd_idx] whose backward is also a gather: grad_x = grad_y[bwd_idx] * bwd_mask.
+
+    Exact when every x row feeds at most one y row with a non-zero gradient (bwd_idx points at that row, bwd_mask
+    is False where there is none) - true for top-1 dispatch and combine. It replaces the scatter-add backward of
+    index_select, the largest dispatch cost on CPU.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fwd_idx: Tensor, bwd_idx: Tensor, bwd_mask: Tensor) -> Tensor:
+        ctx.save_for_backward(bwd_idx, bwd_mask)
+        return x.index_select(0, fwd_idx)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        bwd_idx, bwd_mask = ctx.saved_tensors
+        grad_x = grad_y.index_select(0, bwd_idx) * bwd_mask.unsqueeze(1).to(grad_y.dtype)
+        return grad_x, None, None, None
 
 
 def dispatch_combine(experts: Experts, x: Tensor, r: Routing) -> Tensor:
     """Index dispatch into a padded [E, C', d] buffer, two batched matmuls, gather back, scale by the gate.
 
     C' = the largest number of kept tokens of any expert (<= capacity), so a balanced batch pads little.
-    x: [N, d] -> [N, d]; dropped tokens get zeros.
+    x: [N, d] -> [N, d]; dropped tokens get zeros. Dispatch and combine are row gathers in both directions (see
+    _GatherRows): unused buffer slots read token 0 and dropped tokens read slot 0, but those values are discarded
+    (never gathered back, or scaled by 0), so neither outputs nor gradients see them and no padded copy is made.
     """
     n, d = x.shape
     e = experts.num_experts
@@ -218,17 +251,15 @@ def dispatch_combine(experts: Experts, x: Tensor, r: Routing) -> Tensor:
     c = int(counts.max()) if n else 0
     if c == 0:
         return x.new_zeros(n, d)
-    # slot of each kept token in the flattened [E * C'] buffer; dropped tokens point at a zero row (index n).
-    slot = r.expert_index * c + r.position  # [N]
-    src = torch.full((e * c,), n, dtype=torch.long, device=x.device)  # [E*C'] token feeding each slot
+    slot = torch.where(kept, r.expert_index * c + r.position, torch.zeros_like(r.position))  # [N] buffer slot
+    src = torch.zeros(e * c, dtype=torch.long, device=x.device)  # [E*C'] token feeding each slot
     src[slot[kept]] = torch.nonzero(kept).squeeze(1)
-    x_pad = torch.cat([x, x.new_zeros(1, d)], 0)  # [N+1, d]
-    xb = x_pad[src].view(e, c, d)  # [E, C', d]
+    filled = torch.zeros(e * c, dtype=torch.bool, device=x.device)  # [E*C'] slot holds a kept token
+    filled[slot[kept]] = True
+    xb = _GatherRows.apply(x, src, slot, kept).view(e, c, d)  # [E, C', d]
     yb = experts.forward_padded(xb).reshape(e * c, d)  # [E*C', d]
-    y_pad = torch.cat([yb, yb.new_zeros(1, d)], 0)  # [E*C'+1, d]
-    out_slot = torch.where(kept, slot, torch.full_like(slot, e * c))  # [N]
-    scale = (r.gate * kept).to(x.dtype).unsqueeze(1)  # [N, 1]
-    return y_pad[out_slot] * scale
+    scale = (r.gate * kept).to(yb.dtype).unsqueeze(1)  # [N, 1]
+    return _GatherRows.apply(yb, slot, src, filled) * scale
 
 
 def moe_reference(experts: Experts, x: Tensor, r: Routing) -> Tensor:
