@@ -1,0 +1,158 @@
+"""Task accuracy by rank classification, and the baselines it is read against.
+
+Each choice is scored by the sum of its tokens' log-likelihoods given the input (the same prompt + answer
+encoding as finetuning, `smoe_lab.data.tasks.pair_ids`); the prediction is the highest-scoring choice (the first
+one on ties). (example, choice) pairs are batched with right padding and a mask, so padding never enters MoE
+routing; scoring runs in eval mode (eval capacity factor, 1.0 in the paper) under torch.no_grad.
+
+With drop_tokens and capacity factor 1.0 an expert can overflow in a batch, so in an SMoE a score can depend on
+which other sequences share its batch, exactly as in the paper's batched evaluation. Pairs are batched in a
+fixed order (longest first), so results are deterministic for a given batch_size.
+
+LM loss / perplexity on corpus windows is `smoe_lab.train.lm_eval_loss`.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .config import TrainConfig
+from .data.tasks import Example, collate, pair_ids, shift_targets
+from .train import autocast_for
+
+
+def _pairs(tok, examples: Sequence[Example], block_size: int) -> list[tuple[int, int, list[int], list[int]]]:
+    """(example index, choice index, ids, targets) for every choice of every example."""
+    prompts = tok.encode_batch([e.input for e in examples])
+    flat = [c for e in examples for c in e.choices]
+    answers = iter(tok.encode_batch(flat))
+    out = []
+    for i, (e, p) in enumerate(zip(examples, prompts)):
+        for j in range(len(e.choices)):
+            try:
+                seq, n_p = pair_ids(p, next(answers), block_size, tok.eot_id)
+            except ValueError as err:
+                raise ValueError(f"{e.task} example {e.idx} choice {j}: {err}") from None
+            out.append((i, j, *shift_targets(seq, n_p)))
+    return out
+
+
+@torch.no_grad()
+def choice_logprobs(
+    model,
+    tok,
+    examples: Sequence[Example],
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    block_size: int | None = None,
+    dtype: str = "float32",
+) -> tuple[list[list[float]], list[list[int]]]:
+    """(scores, lengths): per example and choice, the summed log-likelihood of the choice tokens and their count."""
+    if not examples:
+        raise ValueError("no examples to score")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    block = block_size or model.config.block_size
+    if block > model.config.block_size:
+        raise ValueError(f"block_size {block} exceeds the model's block_size {model.config.block_size}")
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    pairs = sorted(_pairs(tok, examples, block), key=lambda p: -len(p[2]))  # longest first: less padding
+    scores = [[0.0] * len(e.choices) for e in examples]
+    lengths = [[0] * len(e.choices) for e in examples]
+    was_training = model.training
+    model.eval()
+    amp = TrainConfig(dtype=dtype)
+    try:
+        for s in tqdm(range(0, len(pairs), batch_size), desc="score", disable=not progress):
+            chunk = pairs[s : s + batch_size]
+            idx, targets, mask = (t.to(device) for t in collate([(p[2], p[3]) for p in chunk], tok.eot_id))
+            with autocast_for(device, amp):
+                logits = model(idx, mask=mask)  # (B, T, V)
+            logp = F.log_softmax(logits.float(), dim=-1)
+            picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
+            sums = (picked * targets.ne(-1)).sum(1).tolist()
+            for (i, j, _, tg), v in zip(chunk, sums):
+                scores[i][j] = v
+                lengths[i][j] = sum(t != -1 for t in tg)
+    finally:
+        model.train(was_training)
+    return scores, lengths
+
+
+def score_choices(
+    model,
+    tok,
+    examples: Sequence[Example],
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    block_size: int | None = None,
+) -> list[list[float]]:
+    """Per example, per choice: sum of log p(choice token | input, earlier choice tokens) (rank classification).
+
+    The input is truncated from the left to fit block_size (default: the model's)."""
+    return choice_logprobs(model, tok, examples, batch_size, device, progress, block_size)[0]
+
+
+def predictions(scores: Sequence[Sequence[float]]) -> list[int]:
+    """Index of the best choice per example (the first on ties)."""
+    return [max(range(len(s)), key=lambda j: (s[j], -j)) for s in scores]
+
+
+def accuracy(examples: Sequence[Example], preds: Sequence[int]) -> float:
+    """Share of examples whose prediction is a correct choice (ReCoRD: any correct entity)."""
+    if len(examples) != len(preds) or not examples:
+        raise ValueError(f"need as many predictions as examples (> 0), got {len(preds)} for {len(examples)}")
+    return sum(p in e.correct for e, p in zip(examples, preds)) / len(examples)
+
+
+def evaluate_task(
+    model,
+    tok,
+    examples: Sequence[Example],
+    batch_size: int = 16,
+    device: str | torch.device | None = None,
+    progress: bool = False,
+    block_size: int | None = None,
+    dtype: str = "float32",
+) -> dict[str, float]:
+    """{"accuracy", "loss", "n", "seconds"} on `examples`.
+
+    loss is the mean per-token negative log-likelihood of the correct choice (`label`), token-weighted over all
+    examples; accuracy counts any correct choice (`Example.correct`). dtype as TrainConfig.dtype (float32 default;
+    "auto" uses bf16 autocast on CUDA).
+    """
+    t0 = time.perf_counter()
+    scores, lengths = choice_logprobs(model, tok, examples, batch_size, device, progress, block_size, dtype)
+    nll = -sum(s[e.label] for s, e in zip(scores, examples))
+    tokens = sum(n[e.label] for n, e in zip(lengths, examples))
+    return {
+        "accuracy": accuracy(examples, predictions(scores)),
+        "loss": nll / tokens,
+        "n": float(len(examples)),
+        "seconds": time.perf_counter() - t0,
+    }
+
+
+def majority_baseline(train_examples: Sequence[Example], eval_examples: Sequence[Example]) -> float:
+    """Accuracy on eval_examples of always answering the most frequent train label index (smallest index on
+    ties). For tasks whose choices vary per example (ReCoRD, cloze) this is just "always the k-th choice"."""
+    if not train_examples:
+        raise ValueError("majority baseline needs training examples")
+    counts = Counter(e.label for e in train_examples)
+    top = min(counts, key=lambda k: (-counts[k], k))
+    return accuracy(eval_examples, [top] * len(eval_examples))
+
+
+def chance_baseline(examples: Sequence[Example]) -> float:
+    """Expected accuracy of a uniformly random choice: mean of |correct choices| / |choices|."""
+    if not examples:
+        raise ValueError("chance baseline needs examples")
+    return sum(len(e.correct) / len(e.choices) for e in examples) / len(examples)
