@@ -1,0 +1,438 @@
+"""Finetuning (paper Sec 4.1 and appendix A4): stage 1 on an instruction mix plus pretraining text, stage 2 on one
+task's train split; for reduced models a router-only warm-up first.
+
+Everything goes through `smoe_lab.train.fit` (AdamW, linear warmup/decay, clipping, accumulation, atomic
+checkpoints, exact resume, metrics.jsonl). What this module adds:
+
+- `FinetuneConfig`: validated settings, paper values in `FinetuneConfig.paper()` (Table 8).
+- The data: text-to-text examples encoded without packing (`smoe_lab.data.tasks`), loss on the answer tokens only;
+  in stage 1 a fraction `mix_ratio` of micro-batches are pretraining LM windows (against forgetting).
+- `router_warmup`: freeze everything but the MoE routers, train them for a few steps on the task batches, unfreeze.
+  The paper does this after pruning because the reduced model's routers are re-initialised.
+- The BEST checkpoint by validation accuracy: after every evaluation, `fit`'s on_eval hook saves the model (with
+  its tokenizer) to out_dir/best when the accuracy is strictly higher than every earlier one. out_dir/checkpoint is
+  the final state (with train state, for resume); out_dir/finetune.json summarises the run.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from . import checkpoint
+from .config import TrainConfig, _check_number, _check_positive_int, _fail, _FromDict
+from .data.tasks import Example, TaskBatches, encode_for_training, subsample
+from .evaluate import evaluate_task
+from .train import Batch, autocast_for, fit, lr_at, make_optimizer
+
+STAGES = ("stage1", "stage2")
+ROUTER_WARMUP_ON = ("reduced", "always")
+
+
+@dataclass
+class FinetuneConfig(_FromDict):
+    """Finetuning settings. Defaults are the paper's Table 8 values except the budget (1 epoch), the sequence
+    length (None = the model's block_size) and the router warm-up (off); `paper()` is the full paper setting.
+
+    steps: optimizer steps; 0 derives them from epochs: ceil(epochs * train examples / batch_size).
+    batch_size: global batch in examples; micro_batch_size examples go through the model at once.
+    router_warmup_steps / router_warmup_lr: router-only training before full finetuning; it runs when
+    router_warmup_steps > 0 and the model is reduced (config.expert_map set) or router_warmup_on == "always".
+    eval_every: evaluate (and keep the best checkpoint) every so many steps; 0 = only at the end.
+    eval_max_examples: a seeded subset of the validation examples used during training (0 = all).
+    mix_ratio (stage 1 only): fraction of micro-batches that are pretraining LM windows instead of instructions.
+    """
+
+    stage: str = "stage2"
+    steps: int = 0
+    epochs: float = 1.0
+    batch_size: int = 64
+    micro_batch_size: int = 16
+    lr: float = 1e-6
+    min_lr: float = 0.0
+    warmup_steps: int = 500
+    weight_decay: float = 0.001
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    router_warmup_steps: int = 0
+    router_warmup_lr: float = 1e-4
+    router_warmup_on: str = "reduced"
+    eval_every: int = 0
+    eval_max_examples: int = 0
+    eval_batch_size: int = 16
+    block_size: int | None = None
+    mix_ratio: float = 0.0
+    seed: int = 0
+    checkpoint_every: int = 0
+    log_every: int = 10
+    device: str = "auto"
+    dtype: str = "auto"
+
+    def __post_init__(self) -> None:
+        c = "FinetuneConfig"
+        if self.stage not in STAGES:
+            _fail(c, "stage", f"must be one of {STAGES}, got {self.stage!r}")
+        for name in ("batch_size", "micro_batch_size", "eval_batch_size", "log_every"):
+            _check_positive_int(c, name, getattr(self, name))
+        for name in ("steps", "warmup_steps", "router_warmup_steps", "eval_every", "eval_max_examples", "seed"):
+            _check_positive_int(c, name, getattr(self, name), minimum=0)
+        _check_positive_int(c, "checkpoint_every", self.checkpoint_every, minimum=0)
+        if self.block_size is not None:
+            _check_positive_int(c, "block_size", self.block_size)
+        if self.batch_size % self.micro_batch_size:
+            _fail(
+                c,
+                "batch_size",
+                f"must be a multiple of micro_batch_size={self.micro_batch_size}, got {self.batch_size}",
+            )
+        if self.steps == 0:
+            _check_number(c, "epochs", self.epochs, 0.0, lo_open=True)
+        _check_number(c, "lr", self.lr, 0.0, lo_open=True)
+        _check_number(c, "min_lr", self.min_lr, 0.0, self.lr)
+        _check_number(c, "router_warmup_lr", self.router_warmup_lr, 0.0, lo_open=True)
+        _check_number(c, "weight_decay", self.weight_decay, 0.0)
+        _check_number(c, "beta1", self.beta1, 0.0, 1.0)
+        _check_number(c, "beta2", self.beta2, 0.0, 1.0)
+        _check_number(c, "eps", self.eps, 0.0, lo_open=True)
+        _check_number(c, "grad_clip", self.grad_clip, 0.0)
+        _check_number(c, "mix_ratio", self.mix_ratio, 0.0, 1.0)
+        if self.mix_ratio >= 1.0:
+            _fail(c, "mix_ratio", f"must be < 1 (some micro-batches must be task data), got {self.mix_ratio}")
+        if self.stage == "stage2" and self.mix_ratio > 0:
+            _fail(c, "mix_ratio", f"stage2 finetunes on the task alone: must be 0, got {self.mix_ratio}")
+        if self.router_warmup_on not in ROUTER_WARMUP_ON:
+            _fail(c, "router_warmup_on", f"must be one of {ROUTER_WARMUP_ON}, got {self.router_warmup_on!r}")
+        TrainConfig(device=self.device, dtype=self.dtype)  # validates device and dtype (same rules)
+
+    @classmethod
+    def paper(cls, stage: str = "stage2", **overrides: Any) -> FinetuneConfig:
+        """The paper's finetuning setting (Table 8): AdamW lr 1e-6 with 500 linear warmup steps then linear decay,
+        50 epochs, weight decay 0.001, global batch 64, eps 1e-8, betas 0.9/0.95, clip 1.0, sequence length 256.
+
+        The paper's text (A4) says 256 tokens, its Table 8 says 128: we use 256. Not in the paper, our choices:
+        router warm-up of 100 steps at lr 1e-4 ("a few steps"), stage-1 mix_ratio 0.25 ("a portion").
+        """
+        base = dict(
+            stage=stage,
+            epochs=50.0,
+            batch_size=64,
+            micro_batch_size=16,
+            lr=1e-6,
+            min_lr=0.0,
+            warmup_steps=500,
+            weight_decay=0.001,
+            beta1=0.9,
+            beta2=0.95,
+            eps=1e-8,
+            grad_clip=1.0,
+            block_size=256,
+            router_warmup_steps=100,
+            router_warmup_lr=1e-4,
+            mix_ratio=0.25 if stage == "stage1" else 0.0,
+        )
+        return cls.from_dict({**base, **overrides})
+
+    def total_steps(self, n_train: int) -> int:
+        """Optimizer steps of the run: `steps`, or ceil(epochs * n_train / batch_size)."""
+        return self.steps or max(1, math.ceil(self.epochs * n_train / self.batch_size))
+
+    def train_config(self, max_steps: int) -> TrainConfig:
+        """The `fit` settings for a run of max_steps steps (eval_every 0 -> evaluate at the end only)."""
+        return TrainConfig(
+            max_steps=max_steps,
+            batch_size=self.batch_size,
+            micro_batch_size=self.micro_batch_size,
+            lr=self.lr,
+            min_lr=self.min_lr,
+            warmup_steps=self.warmup_steps,
+            weight_decay=self.weight_decay,
+            beta1=self.beta1,
+            beta2=self.beta2,
+            eps=self.eps,
+            grad_clip=self.grad_clip,
+            eval_every=self.eval_every or max_steps,
+            checkpoint_every=self.checkpoint_every,
+            log_every=self.log_every,
+            seed=self.seed,
+            device=self.device,
+            dtype=self.dtype,
+        )
+
+    def wants_router_warmup(self, model) -> bool:
+        if self.router_warmup_steps == 0 or not model.moe_layers():
+            return False
+        return self.router_warmup_on == "always" or model.config.expert_map is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Stage-1 data: instructions mixed with pretraining windows
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class MixedBatches:
+    """next_batch() for stage 1: micro-batch j is a pretraining LM window batch when floor((j+1) r) > floor(j r)
+    (r = mix_ratio as an exact fraction), else the next task batch. So exactly floor(n r) of the first n
+    micro-batches are LM batches, evenly spread; the choice depends on j only, and LM windows are drawn with
+    `generator` (checkpointed by fit), so `skip` + fit's resume reproduce an interrupted run exactly."""
+
+    def __init__(
+        self, tasks: TaskBatches, tokens: np.ndarray, mix_ratio: float, block_size: int, generator: torch.Generator
+    ):
+        if len(tokens) < block_size + 1:
+            raise ValueError(f"pretraining stream of {len(tokens)} tokens is too short for block_size {block_size}")
+        self.tasks, self.tokens, self.block_size, self.generator = tasks, tokens, block_size, generator
+        self.ratio = Fraction(mix_ratio).limit_denominator(10_000)
+        self.count = 0
+
+    def lm_before(self, j: int) -> int:
+        """Number of LM micro-batches among the first j."""
+        return j * self.ratio.numerator // self.ratio.denominator
+
+    def skip(self, k: int) -> None:
+        self.tasks.skip(k - (self.lm_before(self.count + k) - self.lm_before(self.count)))
+        self.count += k
+
+    def __call__(self) -> Batch:
+        from .data.corpus import get_batch
+
+        j = self.count
+        self.count += 1
+        if self.lm_before(j + 1) > self.lm_before(j):
+            x, y = get_batch(self.tokens, self.tasks.batch_size, self.block_size, self.generator)
+            return x, y, torch.ones_like(x, dtype=torch.bool)
+        return self.tasks()
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Router-only warm-up
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def router_parameters(model) -> list[torch.nn.Parameter]:
+    """The router weight [E, d_model] of every MoE layer, in depth order."""
+    return [layer.router.weight for layer in model.moe_layers()]
+
+
+@contextmanager
+def only_routers_trainable(model) -> Iterator[None]:
+    """Inside: requires_grad only on the MoE routers. On exit every parameter's requires_grad is restored."""
+    saved = [(p, p.requires_grad) for p in model.parameters()]
+    routers = {id(p) for p in router_parameters(model)}
+    try:
+        for p, _ in saved:
+            p.requires_grad_(id(p) in routers)
+        yield
+    finally:
+        for p, flag in saved:
+            p.requires_grad_(flag)
+
+
+def router_warmup(
+    model,
+    next_batch: Callable[[], Batch],
+    train_cfg: TrainConfig,
+    steps: int,
+    lr: float,
+    progress: bool = False,
+) -> dict[str, Any]:
+    """Train only the MoE routers for `steps` optimizer steps at a constant `lr`, then unfreeze.
+
+    Uses train.py's optimizer (AdamW over requires_grad parameters only, so nothing else moves, not even by weight
+    decay), autocast, accumulation (train_cfg.grad_accum_steps micro-batches per step) and clipping. Returns
+    {"steps", "seconds", "first_loss", "last_loss"}. A non-finite loss raises FloatingPointError.
+    """
+    if not model.moe_layers():
+        raise ValueError("router warm-up needs an MoE model; this one is dense")
+    if steps < 1:
+        raise ValueError(f"router warm-up steps must be >= 1, got {steps}")
+    cfg = train_cfg.replace(max_steps=steps, lr=lr, min_lr=lr, warmup_steps=0)
+    device = next(model.parameters()).device
+    losses, t0 = [], time.perf_counter()
+    from tqdm.auto import tqdm
+
+    with only_routers_trainable(model):
+        opt = make_optimizer(model, cfg)
+        params = [p for g in opt.param_groups for p in g["params"]]
+        for step in tqdm(range(steps), desc="router warm-up", disable=not progress):
+            model.train()
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step, cfg)
+            step_loss = 0.0
+            for _ in range(cfg.grad_accum_steps):
+                idx, targets, mask = next_batch()
+                mask = None if mask is None else mask.to(device)
+                with autocast_for(device, cfg):
+                    _, loss, aux = model(idx.to(device), targets.to(device), mask=mask)
+                total = (loss + aux) / cfg.grad_accum_steps
+                if not torch.isfinite(total):
+                    raise FloatingPointError(f"non-finite loss in router warm-up step {step}: lower router_warmup_lr")
+                total.backward()
+                step_loss += loss.item() / cfg.grad_accum_steps
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            losses.append(step_loss)
+    return {"steps": steps, "seconds": time.perf_counter() - t0, "first_loss": losses[0], "last_loss": losses[-1]}
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Finetuning
+# ---------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class FinetuneResult:
+    best_accuracy: float
+    best_step: int
+    final_accuracy: float
+    final_val_loss: float
+    final_train_loss: float
+    steps: int
+    seconds: float
+    best_checkpoint: str
+    checkpoint: str | None
+    metrics: str | None
+    router_warmup: dict[str, Any] | None = None
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per evaluation: step, val_*
+
+
+def _check_inputs(model, tok, train_examples, val_examples, cfg: FinetuneConfig, pretrain_tokens) -> int:
+    """The sequence length to use; ValueError on anything inconsistent."""
+    block = cfg.block_size or model.config.block_size
+    if block > model.config.block_size:
+        raise ValueError(f"FinetuneConfig.block_size: {block} exceeds the model's block_size {model.config.block_size}")
+    if tok.vocab_size > model.config.vocab_size:
+        raise ValueError(f"tokenizer has {tok.vocab_size} ids but the model's vocab_size is {model.config.vocab_size}")
+    if not train_examples:
+        raise ValueError("finetune: no training examples")
+    if not val_examples:
+        raise ValueError("finetune: no validation examples")
+    if cfg.stage == "stage1" and cfg.mix_ratio > 0 and pretrain_tokens is None:
+        raise ValueError(f"FinetuneConfig.mix_ratio: {cfg.mix_ratio} needs pretrain_tokens (a corpus train stream)")
+    if cfg.stage == "stage2" and pretrain_tokens is not None:
+        raise ValueError("finetune: stage2 trains on the task alone; pass pretrain_tokens only in stage1")
+    return block
+
+
+def _previous_best(path: Path) -> tuple[float, int]:
+    if not (path / checkpoint.CONFIG).is_file():
+        return -math.inf, 0
+    meta = checkpoint.read_config(path)[1]
+    return float(meta.get("val_accuracy", -math.inf)), int(meta.get("step", 0))
+
+
+def finetune(
+    model,
+    tok,
+    train_examples: Sequence[Example],
+    val_examples: Sequence[Example],
+    cfg: FinetuneConfig,
+    out_dir: str | Path,
+    pretrain_tokens: np.ndarray | None = None,
+    progress: bool = True,
+    resume: bool = False,
+    meta: dict[str, Any] | None = None,
+) -> FinetuneResult:
+    """Finetune `model` in place on train_examples, evaluating accuracy on val_examples; see the module docstring.
+
+    Optional router-only warm-up (not repeated on resume), then `fit` for cfg.total_steps(len(train_examples))
+    steps. Writes out_dir/checkpoint (final), out_dir/best (best validation accuracy; strictly higher replaces it),
+    out_dir/metrics.jsonl and out_dir/finetune.json. pretrain_tokens: a corpus "train" stream for stage 1's LM
+    micro-batches. meta: extra fields stored in both checkpoints (e.g. base_model, method, z, d).
+    """
+    block = _check_inputs(model, tok, train_examples, val_examples, cfg, pretrain_tokens)
+    steps = cfg.total_steps(len(train_examples))
+    tcfg = cfg.train_config(steps)
+    from .train import resolve_device
+
+    device = resolve_device(tcfg)
+    model.to(device)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    encoded = encode_for_training(tok, train_examples, block)
+    tasks = TaskBatches(encoded, cfg.micro_batch_size, gen, pad_id=tok.eot_id)
+    use_mix = cfg.stage == "stage1" and cfg.mix_ratio > 0
+    next_batch = MixedBatches(tasks, pretrain_tokens, cfg.mix_ratio, block, gen) if use_mix else tasks
+    val = subsample(list(val_examples), cfg.eval_max_examples, cfg.seed)
+    run_meta = {
+        "kind": "finetune",
+        "stage": cfg.stage,
+        "tasks": sorted({e.task for e in train_examples}),
+        "train_examples": len(train_examples),
+        "val_examples": len(val),
+        "block_size_used": block,
+        "finetune_config": cfg.to_dict(),
+        **(meta or {}),
+    }
+    warm = None
+    if resume:
+        state = checkpoint.load_train_state(out_dir / "checkpoint")
+        if state is None:
+            raise FileNotFoundError(f"resume: no checkpoint with train state at {out_dir / 'checkpoint'}")
+        next_batch.skip(int(state["step"]) * tcfg.grad_accum_steps)
+    elif cfg.wants_router_warmup(model):
+        warm_batches = TaskBatches(
+            encoded, cfg.micro_batch_size, torch.Generator().manual_seed(cfg.seed + 1), tok.eot_id
+        )
+        warm = router_warmup(model, warm_batches, tcfg, cfg.router_warmup_steps, cfg.router_warmup_lr, progress)
+        run_meta["router_warmup"] = warm
+
+    best_acc, best_step = _previous_best(out_dir / "best") if resume else (-math.inf, 0)
+    best = {"accuracy": best_acc, "step": best_step}
+    history: list[dict[str, float]] = []
+
+    def evaluate(m) -> dict[str, float]:
+        r = evaluate_task(m, tok, val, cfg.eval_batch_size, block_size=block, dtype=cfg.dtype)
+        return {"val_accuracy": r["accuracy"], "val_loss": r["loss"]}
+
+    def on_eval(step: int, row: dict[str, float]) -> None:
+        history.append({"step": step, **row})
+        if row["val_accuracy"] > best["accuracy"]:
+            best.update(accuracy=row["val_accuracy"], step=step)
+            checkpoint.save(model, out_dir / "best", tokenizer=tok, step=step, **row, **run_meta)
+
+    desc = f"finetune {cfg.stage} {','.join(run_meta['tasks'])[:40]}"
+    res = fit(
+        model,
+        tcfg,
+        next_batch,
+        out_dir,
+        gen,
+        evaluate,
+        resume,
+        run_meta,
+        progress,
+        desc,
+        on_eval=on_eval,
+        tokenizer=tok,
+    )
+    result = FinetuneResult(
+        best_accuracy=best["accuracy"],
+        best_step=best["step"],
+        final_accuracy=res.eval["val_accuracy"],
+        final_val_loss=res.eval["val_loss"],
+        final_train_loss=res.final_loss,
+        steps=res.steps,
+        seconds=res.seconds + (warm["seconds"] if warm else 0.0),
+        best_checkpoint=str(out_dir / "best"),
+        checkpoint=res.checkpoint,
+        metrics=res.metrics,
+        router_warmup=warm,
+        history=history,
+    )
+    checkpoint.atomic_write_text(out_dir / "finetune.json", json.dumps(asdict(result), indent=2, default=str))
+    return result
