@@ -156,3 +156,38 @@ def chance_baseline(examples: Sequence[Example]) -> float:
     if not examples:
         raise ValueError("chance baseline needs examples")
     return sum(len(e.correct) / len(e.choices) for e in examples) / len(examples)
+
+
+def evaluate_checkpoint(
+    path,
+    task: str,
+    split: str = "validation",
+    corpus=None,
+    root=None,
+    source: str = "auto",
+    max_examples: int | None = None,
+    batch_size: int = 16,
+    device: str | None = None,
+    seed: int = 0,
+    progress: bool = False,
+) -> dict[str, float]:
+    """Load a checkpoint (with its tokenizer) and evaluate it on a task split; adds the chance baseline and the
+    majority baseline of the task's train split ("majority" is NaN when no train split is available).
+    corpus: for cloze tasks (default: the corpus named in the checkpoint's meta)."""
+    from . import checkpoint
+    from .data.tasks import load_task
+
+    dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    model = checkpoint.load(path, device=dev)
+    tok = checkpoint.load_tokenizer(path)
+    corpus = corpus or checkpoint.read_config(path)[1].get("corpus")
+    kw = dict(root=root, source=source, seed=seed, corpus=corpus)
+    examples = load_task(task, split, max_examples=max_examples, **kw)
+    result = evaluate_task(model, tok, examples, batch_size, progress=progress)
+    try:
+        train = load_task(task, "train", max_examples=max_examples if task.startswith("cloze-") else None, **kw)
+        result["majority"] = majority_baseline(train, examples)
+    except FileNotFoundError:
+        result["majority"] = float("nan")
+    result["chance"] = chance_baseline(examples)
+    return result

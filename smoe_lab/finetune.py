@@ -31,11 +31,12 @@ import torch
 
 from . import checkpoint
 from .config import TrainConfig, _check_number, _check_positive_int, _fail, _FromDict
-from .data.tasks import Example, TaskBatches, encode_for_training, subsample
+from .data.tasks import Example, TaskBatches, encode_for_training, instruction_mix, load_flan, load_task, subsample
 from .evaluate import evaluate_task
 from .train import Batch, autocast_for, fit, lr_at, make_optimizer
 
 STAGES = ("stage1", "stage2")
+INSTRUCTIONS = "instructions"  # the task name of the stage-1 instruction mix
 ROUTER_WARMUP_ON = ("reduced", "always")
 
 
@@ -436,3 +437,73 @@ def finetune(
     )
     checkpoint.atomic_write_text(out_dir / "finetune.json", json.dumps(asdict(result), indent=2, default=str))
     return result
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# From a checkpoint on disk (what `smoe-lab finetune` and the notebooks call)
+# ---------------------------------------------------------------------------------------------------------------
+
+
+def task_data(
+    task: str,
+    corpus: Any = None,
+    root: Any = None,
+    source: str = "auto",
+    max_train_examples: int | None = None,
+    max_val_examples: int | None = None,
+    seed: int = 0,
+    flan: str | Path | None = None,
+) -> tuple[list[Example], list[Example]]:
+    """(train, validation) examples of a task (any name `load_task` knows), or of "instructions": the stage-1
+    instruction mix (max_*_examples then count per instruction task) plus, when given, a FLAN JSONL file."""
+    if task == INSTRUCTIONS:
+        train = instruction_mix(max_train_examples, seed, "train")
+        if flan is not None:
+            train += load_flan(flan, seed=seed)
+        return train, instruction_mix(max_val_examples, seed, "validation")
+    if flan is not None:
+        raise ValueError(f"a FLAN file is stage-1 data: use it with task {INSTRUCTIONS!r}, not {task!r}")
+    train = load_task(task, "train", root, source, max_train_examples, seed, corpus)
+    return train, load_task(task, "validation", root, source, max_val_examples, seed, corpus)
+
+
+def finetune_checkpoint(
+    path: str | Path,
+    task: str,
+    cfg: FinetuneConfig,
+    out_dir: str | Path,
+    corpus: Any = None,
+    root: Any = None,
+    source: str = "auto",
+    flan: str | Path | None = None,
+    max_train_examples: int | None = None,
+    base_model: str | None = None,
+    resume: bool = False,
+    progress: bool = True,
+) -> FinetuneResult:
+    """Finetune the checkpoint at `path` on `task` (or "instructions" for stage 1) into out_dir.
+
+    corpus (cloze tasks, stage-1 LM mixing) defaults to the corpus named in the checkpoint's meta. The saved
+    checkpoints carry the parent's identity for the results store (base_model, method, z, d; see
+    `smoe_lab.results.checkpoint_identity`), the parent path and the task.
+    """
+    from .results import checkpoint_identity
+    from .train import resolve_corpus
+
+    model_cfg, parent_meta = checkpoint.read_config(path)
+    corpus = corpus or parent_meta.get("corpus")
+    train, val = task_data(task, corpus, root, source, max_train_examples, None, cfg.seed, flan)
+    tokens = None
+    if cfg.stage == "stage1" and cfg.mix_ratio > 0:
+        if corpus is None:
+            raise ValueError("stage 1 mixes in pretraining text: pass a corpus (the checkpoint's meta names none)")
+        tokens = resolve_corpus(corpus).split("train")
+    meta = {
+        **checkpoint_identity(model_cfg, parent_meta, base_model),
+        "parent": str(path),
+        "task": task,
+        "corpus": None if corpus is None else str(corpus),
+    }
+    model = checkpoint.load(path)
+    tok = checkpoint.load_tokenizer(path)
+    return finetune(model, tok, train, val, cfg, out_dir, tokens, progress, resume, meta)

@@ -310,3 +310,22 @@ def accuracy_table(
                 marks.at[i, task] = "+" if mine > theirs else "-"
     best = mean.eq(mean.max(axis=0)) & mean.notna()
     return AccuracyTable(models_df, mean, std, n, marks, best)
+
+
+def checkpoint_identity(model_config, meta: dict[str, Any], base_model: str | None = None) -> dict[str, Any]:
+    """base_model, method, z, d of a checkpoint as the store wants them.
+
+    d: the expert count per MoE layer (the rounded mean for per-layer counts; 1 for a dense model); z: the count it
+    was pretrained with (the length of config.expert_map's rows for a reduced model, else d); method: meta
+    "method", else the reduction report's method, else "none" for a model never reduced; base_model: the argument,
+    else meta "base_model", else "model".
+    """
+    counts = model_config.experts_per_layer or [1]
+    d = round(sum(counts) / len(counts))
+    z = max(len(m) for m in model_config.expert_map) if model_config.expert_map else d
+    method = meta.get("method") or (meta.get("reduction") or {}).get("method")
+    if not method:
+        if z != d:
+            raise ValueError(f"checkpoint reduced from {z} to {d} experts names no method: pass it explicitly")
+        method = SCRATCH
+    return {"base_model": base_model or meta.get("base_model") or "model", "method": str(method), "z": z, "d": d}

@@ -192,3 +192,32 @@ def test_finetune_resume_is_bit_exact(tok, tmp_path, monkeypatch):
     assert train_losses["full"] == train_losses["split"] and len(train_losses["full"]) == 6
     final_eval = {d: [r for r in rows[d] if r["kind"] == "eval"][-1] for d in rows}
     assert final_eval["full"]["val_accuracy"] == final_eval["split"]["val_accuracy"]
+
+
+def test_cli_finetune_then_evaluate_into_a_store(tok, tmp_path, capsys):
+    from pathlib import Path
+
+    from smoe_lab.cli import main
+    from smoe_lab.results import ResultsStore
+
+    fixtures = str(Path(__file__).parent / "fixtures" / "superglue")
+    src = checkpoint.save(
+        _model(tok, num_experts=4, block_size=64), tmp_path / "base", tokenizer=tok, base_model="tiny"
+    )
+    sets = ["steps=2", "batch_size=2", "micro_batch_size=2", "lr=1e-3", "warmup_steps=0", "device=cpu"]
+    argv = ["finetune", "--checkpoint", str(src), "--task", "rte", "--root", fixtures, "--out", str(tmp_path / "ft")]
+    assert main([*argv, *[x for s in sets for x in ("--set", s)], "--no-progress"]) == 0
+    assert "best accuracy" in capsys.readouterr().out
+    meta = checkpoint.read_config(tmp_path / "ft" / "best")[1]
+    assert (meta["base_model"], meta["method"], meta["z"], meta["d"], meta["stage"]) == ("tiny", "none", 4, 4, "stage2")
+    db = tmp_path / "results.sqlite"
+    ev = ["evaluate", "--checkpoint", str(tmp_path / "ft" / "best"), "--task", "RTE", "--root", fixtures]
+    assert main([*ev, "--store", str(db), "--device", "cpu", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    assert "RTE validation: accuracy" in out and "chance 0.5000" in out and "majority 0.5000" in out
+    rows = ResultsStore(db).rows()
+    assert sorted(rows["metric"]) == ["accuracy", "loss"]
+    assert set(rows["task"]) == {"rte"} and set(rows["stage"]) == {"stage2"} and set(rows["base_model"]) == {"tiny"}
+    assert json.loads(rows["extra_json"][0])["split"] == "validation"
+    assert main([*argv, "--set", "stage=stage9"]) == 2
+    assert "smoe-lab: error: FinetuneConfig.stage" in capsys.readouterr().err
