@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from . import checkpoint
@@ -95,3 +96,115 @@ def save_table(table: pd.DataFrame, out_dir: str | Path, name: str) -> dict[str,
     table.to_csv(paths["csv"], index=False)
     Path(paths["md"]).write_text(table.to_markdown(index=False) + "\n")
     return paths
+
+
+# -- 02: calibration + clusters ------------------------------------------------------------------------------------
+def pretrain_dir(out_dir: str | Path, variant: str, seed: int = 0) -> Path:
+    """Run folder of a pretrained variant ('dense', '8e', ...) made by notebook 01."""
+    return Path(out_dir) / "pretrain" / f"{variant}-s{seed}"
+
+
+def find_checkpoint(out_dir: str | Path, variant: str, seed: int = 0) -> Path:
+    """A checkpoint folder: `variant` may be a path, or a variant label of notebook 01's runs under out_dir."""
+    p = Path(variant)
+    if (p / "config.json").is_file():
+        return p
+    ck = pretrain_dir(out_dir, variant, seed) / "checkpoint"
+    if not (ck / "config.json").is_file():
+        raise FileNotFoundError(f"no checkpoint for variant {variant!r} at {ck}: run notebook 01 with it first")
+    return ck
+
+
+def calibration_batches_for(
+    ckpt: str | Path,
+    source: str,
+    split: str,
+    max_examples: int | None,
+    batch_size: int,
+    corpus: str | None = None,
+    seed: int = 0,
+    max_tokens: int | None = None,
+):
+    """Calibration batches from a task ('boolq', 'cloze-news', ...) or from corpus text ('corpus:val_news')."""
+    from .checkpoint import load_tokenizer, read_config
+
+    cfg, _ = read_config(ckpt)
+    block = cfg.block_size
+    if source.startswith("corpus:"):
+        from .data.corpus import iter_eval_batches, open_corpus
+        from .train import resolve_corpus
+
+        tokens = (resolve_corpus(corpus) if corpus else open_corpus("tiny")).split(source.split(":", 1)[1])
+        limit = None if not max_tokens else max(1, max_tokens // (batch_size * block))
+        return [x for x, _ in iter_eval_batches(tokens, batch_size, block, max_batches=limit)]
+    from .data.tasks import calibration_batches, load_task
+
+    examples = load_task(source, split, max_examples=max_examples, seed=seed, corpus=corpus)
+    return calibration_batches(load_tokenizer(ckpt), examples, batch_size, block, max_tokens=max_tokens)
+
+
+def calibration_artifact(
+    ckpt: str | Path,
+    source: str,
+    split: str,
+    out_dir: str | Path,
+    max_examples: int | None = None,
+    batch_size: int = 16,
+    corpus: str | None = None,
+    seed: int = 0,
+    max_tokens: int | None = None,
+    progress: bool = False,
+):
+    """The calibration artifact of (checkpoint, task, split), made once and reused by every method and D."""
+    from .calibrate import Calibration, calibrate
+    from .checkpoint import checkpoint_hash, load
+
+    ckpt = Path(ckpt)
+    tag = f"{ckpt.parent.name}-{source.replace(':', '_')}-{split}-n{max_examples or 'all'}"
+    path = Path(out_dir) / "calibration" / f"{tag}.safetensors"
+    h = checkpoint_hash(ckpt)
+    if path.is_file():
+        cal = Calibration.load(path)
+        if cal.manifest.get("checkpoint_hash") == h and cal.manifest.get("max_tokens") == max_tokens:
+            return cal, path
+    model = load(ckpt)
+    batches = calibration_batches_for(ckpt, source, split, max_examples, batch_size, corpus, seed, max_tokens)
+    cal = calibrate(
+        model,
+        batches,
+        seed=seed,
+        progress=progress,
+        checkpoint_hash=h,
+        checkpoint=str(ckpt),
+        task=source,
+        split=split,
+        max_examples=max_examples,
+        max_tokens=max_tokens,
+    )
+    cal.save(path)
+    return cal, path
+
+
+def cluster_summary(explorer, D: int, methods: list[str], stability_seeds: list[int]) -> pd.DataFrame:
+    """One row per (MoE layer, method): group sizes, share of tokens on the centres, spectral diagnostics."""
+    stab = explorer.stability(D, tuple(stability_seeds))
+    rows = []
+    for layer in range(explorer.num_layers):
+        for method in methods:
+            v = explorer.view(layer, min(D, explorer.experts_per_layer[layer]), method)
+            sizes = np.bincount(v.labels[v.labels >= 0], minlength=v.D)
+            rows.append(
+                {
+                    "layer": layer,
+                    "method": method,
+                    "Z": len(v.labels),
+                    "D": v.D,
+                    "group_sizes": " ".join(map(str, sorted(sizes.tolist(), reverse=True))),
+                    "centre_token_share": round(float(v.frequencies[v.centres].sum()), 4),
+                    "eigengap": round(v.eigengap, 4),
+                    "silhouette": round(v.silhouette, 4),
+                    "largest_gap_D": v.suggested_D,
+                    "uncurl_stability_ari": round(stab[layer], 4),
+                }
+            )
+    return pd.DataFrame(rows)

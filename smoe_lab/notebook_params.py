@@ -107,4 +107,52 @@ class PretrainNotebook(NotebookParams):
         )
 
 
-NOTEBOOK_PARAMS: dict[str, type[NotebookParams]] = {PretrainNotebook.NOTEBOOK: PretrainNotebook}
+def _check_task(nb: str, name: str, task: str) -> None:
+    if not isinstance(task, str) or not task:
+        _err(nb, name, f"must be a task name (boolq, rte, cloze-news, ...) or 'corpus:<split>', got {task!r}")
+
+
+@dataclass
+class ClustersNotebook(NotebookParams):
+    """02_clusters: calibrate one checkpoint on task data and explore UNCURL's clusters per MoE layer."""
+
+    NOTEBOOK = "02_clusters"
+    variant: str = "32e"  # a variant label of notebook 01 (under out_dir/pretrain) or a checkpoint folder
+    seed: int = 0
+    task: str = "boolq"  # task name, or 'corpus:val_<domain>' for raw corpus text
+    split: str = "train"
+    corpus: str = "tiny"
+    max_examples: int = 256
+    max_tokens: int = 0  # 0 = no cap
+    batch_size: int = 16
+    target_D: int = 8
+    methods: list[str] = field(default_factory=lambda: ["uncurl", "freq_merge", "mcsmoe"])
+    stability_seeds: list[int] = field(default_factory=lambda: [0, 1, 2, 3, 4])
+    interactive: bool = False
+    out_dir: str = "runs/quickstart"
+
+    def __post_init__(self) -> None:
+        from .reduce.methods import METHODS
+
+        nb = self.NOTEBOOK
+        self.out_dir = str(resolve_out_dir(self.out_dir))
+        _check_task(nb, "task", self.task)
+        for name in ("target_D", "batch_size", "max_examples"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                _err(nb, name, f"must be an integer >= 1, got {v!r}")
+        if isinstance(self.max_tokens, bool) or not isinstance(self.max_tokens, int) or self.max_tokens < 0:
+            _err(nb, "max_tokens", f"must be an integer >= 0 (0 = no cap), got {self.max_tokens!r}")
+        bad = [m for m in self.methods if m not in METHODS]
+        if not self.methods or bad:
+            _err(nb, "methods", f"unknown method(s) {bad}; known: {list(METHODS)}")
+        if len(self.stability_seeds) < 2:
+            _err(nb, "stability_seeds", f"needs at least two seeds, got {self.stability_seeds!r}")
+        if not isinstance(self.interactive, bool):
+            _err(nb, "interactive", f"must be true or false, got {self.interactive!r}")
+
+
+NOTEBOOK_PARAMS: dict[str, type[NotebookParams]] = {
+    PretrainNotebook.NOTEBOOK: PretrainNotebook,
+    ClustersNotebook.NOTEBOOK: ClustersNotebook,
+}

@@ -110,7 +110,7 @@ def run_pipeline(
     log(f"pipeline {run_name!r} finished in {time.perf_counter() - t_all:.1f}s: {out}")
     for md in sorted((out / "tables").glob("*.md")):
         log(f"\n== {md.relative_to(out)} ==\n{md.read_text()}")
-    figs = sorted((out / "figures").glob("*.png"))
+    figs = sorted((out / "figures").rglob("*.png"))
     if figs:
         log("figures:\n" + "\n".join(f"  {f}" for f in figs))
     return out

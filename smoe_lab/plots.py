@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import plotly.graph_objects as go
 
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
@@ -49,5 +50,139 @@ def loss_curves(curves: dict[str, list[dict[str, Any]]], kind: str = "train", ke
         legend_title="model",
         width=760,
         height=460,
+    )
+    return fig
+
+
+# -- cluster explorer ----------------------------------------------------------------------------------------------
+def _group_color(label: int) -> str:
+    return "#bbbbbb" if label < 0 else PALETTE[label % len(PALETTE)]
+
+
+def similarity_heatmap(view, title: str | None = None) -> go.Figure:
+    """S [Z, Z] with experts ordered by group (then frequency); group boundaries drawn."""
+    order = view.order
+    S = view.S[np.ix_(order, order)]
+    names = [f"e{z} (g{view.labels[z]})" if view.labels[z] >= 0 else f"e{z} (pruned)" for z in order]
+    fig = go.Figure(
+        go.Heatmap(z=S, x=names, y=names, colorscale="Viridis", zmin=float(S.min()), zmax=1.0, colorbar=dict(title="S"))
+    )
+    labels = view.labels[order]
+    for b in np.flatnonzero(np.diff(labels)) + 0.5:
+        fig.add_shape(type="line", x0=b, x1=b, y0=-0.5, y1=len(order) - 0.5, line=dict(color="white", width=1))
+        fig.add_shape(type="line", y0=b, y1=b, x0=-0.5, x1=len(order) - 0.5, line=dict(color="white", width=1))
+    fig.update_layout(
+        title=title or f"Layer {view.layer}: router-logit similarity S (ordered by {view.method} group)",
+        width=620,
+        height=560,
+        template="plotly_white",
+        yaxis=dict(autorange="reversed"),
+    )
+    return fig
+
+
+def eigen_spectrum(view, title: str | None = None) -> go.Figure:
+    """Normalised-Laplacian eigenvalues with the gap after the D-th marked."""
+    ev = view.eigenvalues
+    k = np.arange(1, len(ev) + 1)
+    fig = go.Figure(go.Scatter(x=k, y=ev, mode="lines+markers", name="eigenvalue"))
+    fig.add_vline(
+        x=view.D + 0.5, line=dict(dash="dash", color="#d62728"), annotation_text=f"D={view.D} (gap {view.eigengap:.3f})"
+    )
+    if view.suggested_D != view.D:
+        fig.add_vline(
+            x=view.suggested_D + 0.5,
+            line=dict(dash="dot", color="#2ca02c"),
+            annotation_text=f"largest gap: D={view.suggested_D}",
+            annotation_position="bottom right",
+        )
+    fig.update_layout(
+        title=title or f"Layer {view.layer}: Laplacian spectrum",
+        xaxis_title="k",
+        yaxis_title="lambda_k",
+        template="plotly_white",
+        width=620,
+        height=400,
+    )
+    return fig
+
+
+def tsne_scatter(view, title: str | None = None) -> go.Figure:
+    """t-SNE of the spectral embedding F, coloured by group, sized by activation frequency; centres outlined."""
+    fig = go.Figure()
+    _add_tsne_traces(fig, view)
+    fig.update_layout(
+        title=title or f"Layer {view.layer}: t-SNE of the spectral embedding ({view.method}, D={view.D})",
+        template="plotly_white",
+        width=620,
+        height=520,
+        xaxis_title="t-SNE 1",
+        yaxis_title="t-SNE 2",
+    )
+    return fig
+
+
+def _marker_sizes(freq: np.ndarray) -> np.ndarray:
+    return 8 + 40 * np.sqrt(freq / max(freq.max(), 1e-12))
+
+
+def _add_tsne_traces(fig: go.Figure, view, row: int | None = None, col: int | None = None, legend: bool = True):
+    sizes = _marker_sizes(view.frequencies)
+    for g in sorted(set(view.labels.tolist())):
+        idx = np.flatnonzero(view.labels == g)
+        line = [2 if z in view.centres else 0 for z in idx]
+        tr = go.Scatter(
+            x=view.tsne[idx, 0],
+            y=view.tsne[idx, 1],
+            mode="markers",
+            name="pruned" if g < 0 else f"group {g}",
+            legendgroup=str(g),
+            showlegend=legend,
+            marker=dict(size=sizes[idx], color=_group_color(g), line=dict(width=line, color="black"), opacity=0.85),
+            text=[
+                f"expert {z}<br>freq {view.frequencies[z]:.3f}" + ("<br>centre" if z in view.centres else "")
+                for z in idx
+            ],
+            hoverinfo="text",
+        )
+        if row is None:
+            fig.add_trace(tr)
+        else:
+            fig.add_trace(tr, row=row, col=col)
+
+
+def tsne_grid(views: list, title: str = "t-SNE of the spectral embedding per MoE layer") -> go.Figure:
+    """All MoE layers side by side (the paper's Sec 6.3 figure)."""
+    from plotly.subplots import make_subplots
+
+    n = len(views)
+    cols = min(4, n)
+    rows = -(-n // cols)
+    fig = make_subplots(rows=rows, cols=cols, subplot_titles=[f"MoE layer {v.layer} (D={v.D})" for v in views])
+    for i, v in enumerate(views):
+        _add_tsne_traces(fig, v, row=i // cols + 1, col=i % cols + 1, legend=False)
+    fig.update_layout(
+        title=title, template="plotly_white", width=300 * cols + 80, height=300 * rows + 80, showlegend=False
+    )
+    fig.update_xaxes(showticklabels=False)
+    fig.update_yaxes(showticklabels=False)
+    return fig
+
+
+def stability_bars(stabilities: list[float], D: int) -> go.Figure:
+    fig = go.Figure(
+        go.Bar(
+            x=[f"layer {i}" for i in range(len(stabilities))],
+            y=stabilities,
+            text=[f"{s:.2f}" for s in stabilities],
+            textposition="outside",
+        )
+    )
+    fig.update_layout(
+        title=f"Cluster stability across k-means seeds (mean pairwise ARI, D={D})",
+        yaxis=dict(range=[0, 1.1], title="ARI"),
+        template="plotly_white",
+        width=620,
+        height=380,
     )
     return fig

@@ -1,0 +1,128 @@
+"""Cluster analysis of one calibration artifact, for the cluster explorer (notebook 02).
+
+Everything here is computed from the cached artifact (router-logit Gram matrices and frequencies), never from
+the model, so changing the layer, the target D or the method in the explorer redraws in milliseconds.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from .calibrate import Calibration
+from .reduce.methods import METHODS, plan_layers
+from .reduce.similarity import similarity_from_gram
+from .reduce.spectral import cluster_silhouette, eigengap, spectral_embedding
+from .reduce.stability import cluster_stability
+
+
+@dataclass
+class LayerView:
+    """What the explorer shows for one MoE layer at one (method, D)."""
+
+    layer: int
+    method: str
+    D: int
+    S: np.ndarray  # [Z, Z] similarity (1 + cos) / 2
+    frequencies: np.ndarray  # [Z] top-1 share on the calibration data
+    eigenvalues: np.ndarray  # [Z] normalised-Laplacian spectrum, ascending
+    labels: np.ndarray  # [Z] group of each expert (-1 = pruned away)
+    centres: list[int]  # [D] reference expert of each group
+    F: np.ndarray  # [Z, D] spectral embedding (row-normalised)
+    tsne: np.ndarray  # [Z, 2] t-SNE of F
+    eigengap: float
+    silhouette: float
+    suggested_D: int
+
+    @property
+    def order(self) -> np.ndarray:
+        """Experts ordered by group, then by frequency (descending): the heatmap's axis order."""
+        key = np.where(self.labels < 0, self.labels.max() + 1, self.labels)
+        return np.lexsort((-self.frequencies, key))
+
+
+def suggest_d(eigenvalues: np.ndarray) -> int:
+    """The D >= 2 after which the Laplacian spectrum has its largest gap (eigengap heuristic).
+
+    D = 1 is excluded: S = (1 + cos) / 2 is at least ~0.5 between unrelated experts, so the graph is dense and
+    lambda_2 - lambda_1 is always the largest gap; the structure worth reading starts at lambda_2.
+    """
+    ev = np.sort(np.asarray(eigenvalues, dtype=np.float64))
+    if len(ev) < 3:
+        return len(ev)
+    gaps = np.diff(ev)[1:]  # [Z-2]: gaps[j] = lambda_{j+3} - lambda_{j+2}, the gap after D = j + 2
+    return int(np.argmax(gaps)) + 2
+
+
+def tsne_2d(F: np.ndarray, seed: int = 0) -> np.ndarray:
+    """[Z, D] -> [Z, 2] with openTSNE; perplexity adapted to Z (at most (Z - 1) / 3, at most 30, at least 2)."""
+    z = F.shape[0]
+    if z < 4:
+        return np.pad(F[:, :2], ((0, 0), (0, max(0, 2 - F.shape[1]))))
+    from openTSNE import TSNE
+
+    perplexity = max(2.0, min(30.0, (z - 1) / 3.0))
+    tsne = TSNE(n_components=2, perplexity=perplexity, random_state=seed, initialization="pca", n_jobs=1)
+    return np.asarray(tsne.fit(np.ascontiguousarray(F, dtype=np.float64)))
+
+
+class ClusterExplorer:
+    """Cached views of a calibration artifact: `view(layer, D, method)`; all MoE layers share one artifact."""
+
+    def __init__(self, cal: Calibration, seed: int = 0, n_init: int = 10):
+        self.cal = cal
+        self.seed = seed
+        self.n_init = n_init
+        self.S = [np.asarray(similarity_from_gram(s.gram)) for s in cal.layers]
+        self.freqs = [s.frequencies.numpy() for s in cal.layers]
+        self._view = lru_cache(maxsize=256)(self._compute)
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.S)
+
+    @property
+    def experts_per_layer(self) -> list[int]:
+        return [s.shape[0] for s in self.S]
+
+    def view(self, layer: int, D: int, method: str = "uncurl") -> LayerView:
+        if not 0 <= layer < self.num_layers:
+            raise ValueError(f"layer must be in [0, {self.num_layers}), got {layer}")
+        if method not in METHODS:
+            raise ValueError(f"unknown method {method!r}; known: {list(METHODS)}")
+        z = self.experts_per_layer[layer]
+        if not 1 <= D <= z:
+            raise ValueError(f"D must be in [1, Z={z}], got {D}")
+        return self._view(layer, D, method)
+
+    def _compute(self, layer: int, D: int, method: str) -> LayerView:
+        targets = [min(D, z) for z in self.experts_per_layer]
+        if method == "mcsmoe":
+            plan = plan_layers(self.S, self.freqs, method, targets, self.seed, self.n_init)[layer]
+        else:  # per-layer methods: plan this layer alone (hybrid's first layer is pruned)
+            m = ("freq_prune" if layer == 0 else "uncurl") if method == "hybrid" else method
+            plan = plan_layers([self.S[layer]], [self.freqs[layer]], m, [D], self.seed, self.n_init)[0]
+        F, ev = spectral_embedding(self.S[layer], D)
+        labels = plan.labels
+        d_eff = len(plan.centres)
+        return LayerView(
+            layer=layer,
+            method=method,
+            D=d_eff,
+            S=self.S[layer],
+            frequencies=self.freqs[layer],
+            eigenvalues=np.sort(ev),
+            labels=labels,
+            centres=plan.centres,
+            F=F,
+            tsne=tsne_2d(F, self.seed),
+            eigengap=eigengap(ev, D),
+            silhouette=cluster_silhouette(F, labels) if (labels >= 0).all() else float("nan"),
+            suggested_D=suggest_d(ev),
+        )
+
+    def stability(self, D: int, seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> list[float]:
+        """Mean pairwise ARI of UNCURL's clusters across k-means seeds, per layer."""
+        return [cluster_stability(S, min(D, S.shape[0]), seeds=seeds) for S in self.S]
