@@ -1,0 +1,382 @@
+"""Model-level expert reduction: UNCURL (Algorithm 1) and every baseline, with physical compaction.
+
+Each method decides, per MoE layer, a partition of the Z old experts into D groups with one reference (centre)
+expert per group; prune-type methods keep the centre alone, merge-type methods align every member to the centre
+(Hungarian weight matching) and average with activation-frequency weights. The returned model is NEW and holds
+exactly D experts per layer (parameter count and checkpoint size drop); its config records the per-layer counts
+and the old -> new expert map.
+
+    uncurl      router-logit similarity S = (1+cos)/2 -> spectral embedding -> k-means into D clusters; the most
+                frequently selected member is the centre; align + frequency-weighted merge     (paper, Alg. 1)
+    freq_prune  keep the D most frequently selected experts per layer                        (Table 1 baseline)
+    freq_merge  top-D by frequency are centres, every other expert joins its most similar centre by S, merge
+                                                                                             (Table 3 baseline)
+    mcsmoe      dominant experts chosen globally across layers by frequency (each layer's top expert first, then
+                the most frequent of the rest anywhere), D per layer on average; others join the most similar
+                dominant expert of their own layer; align + merge                            (Table 4, MC-SMoE)
+    random      keep D experts per layer chosen at random (seeded)                           (sanity baseline)
+    hybrid      freq_prune on the first MoE layer, uncurl on the others                      (the paper's Sec 6.3)
+
+Router options: reinit (the paper's default: fresh normal(0, 0.02) rows, seeded; train them with router-only
+warm-up), merge (frequency-weighted average of each group's router rows, so the reduced model runs before
+finetuning), keep (the centre's row; for pruning, the surviving rows).
+"""
+
+from __future__ import annotations
+
+import resource
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from ..calibrate import Calibration, calibrate, check_compatible
+from .align import ExpertWeights, align_experts, permute_expert
+from .merge import merge_experts, normalize_weights, stack_experts, unstack_experts
+from .similarity import similarity_from_gram
+from .spectral import cluster_silhouette, eigengap, kmeans_labels, spectral_embedding
+from .stability import cluster_stability
+
+METHODS = ("uncurl", "freq_prune", "freq_merge", "mcsmoe", "random", "hybrid")
+ROUTER_OPTIONS = ("reinit", "merge", "keep")
+PRUNE_METHODS = ("freq_prune", "random")
+
+
+@dataclass
+class LayerPlan:
+    """How one layer is reduced: labels [Z] (new index per old expert, -1 = dropped) and centres [D] (old index)."""
+
+    labels: np.ndarray
+    centres: list[int]
+    merge: bool
+    method: str
+    eigenvalues: np.ndarray | None = None
+    embedding: np.ndarray | None = None
+    seconds: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class LayerReport:
+    layer: int  # MoE layer index in depth order
+    block: int  # transformer block index
+    method: str
+    experts_before: int
+    experts_after: int
+    labels: np.ndarray  # [Z] new expert index of each old expert (-1 = dropped)
+    frequencies: np.ndarray  # [Z] top-1 share on the calibration data
+    centres: list[int]  # [D] old index of each new expert's reference expert
+    similarity: np.ndarray  # [Z, Z]
+    eigenvalues: np.ndarray | None  # [Z] Laplacian spectrum (uncurl)
+    embedding: np.ndarray | None  # [Z, D] spectral embedding F (uncurl)
+    eigengap: float
+    silhouette: float
+    stability: float
+    seconds: dict[str, float]
+
+    def summary(self) -> dict[str, Any]:
+        return {
+            "layer": self.layer,
+            "block": self.block,
+            "method": self.method,
+            "Z": self.experts_before,
+            "D": self.experts_after,
+            "centres": self.centres,
+            "cluster_sizes": np.bincount(self.labels[self.labels >= 0], minlength=self.experts_after).tolist(),
+            "kept_frequency": float(self.frequencies[self.centres].sum()),
+            "eigengap": self.eigengap,
+            "silhouette": self.silhouette,
+            "stability": self.stability,
+            **{f"s_{k}": round(v, 4) for k, v in self.seconds.items()},
+        }
+
+
+@dataclass
+class ReductionReport:
+    method: str
+    router: str
+    seed: int
+    num_experts: list[int]
+    layers: list[LayerReport]
+    seconds: dict[str, float]
+    peak_rss_mb: float
+    calibration: dict[str, Any]
+
+    def summary(self) -> list[dict[str, Any]]:
+        return [lr.summary() for lr in self.layers]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "method": self.method,
+            "router": self.router,
+            "seed": self.seed,
+            "num_experts": self.num_experts,
+            "seconds": self.seconds,
+            "peak_rss_mb": self.peak_rss_mb,
+            "calibration": self.calibration,
+            "layers": [
+                {**lr.summary(), "labels": lr.labels.tolist(), "frequencies": lr.frequencies.tolist()}
+                for lr in self.layers
+            ],
+        }
+
+
+# -- per-layer planning (pure: statistics in, partition out) -------------------------------------------------------
+def _top_by_frequency(freq: np.ndarray, d: int) -> list[int]:
+    """Indices of the d most frequent experts; ties go to the lower index. Sorted by index."""
+    order = np.lexsort((np.arange(len(freq)), -freq))  # primary: -freq, secondary: index
+    return sorted(int(i) for i in order[:d])
+
+
+def _prune_plan(centres: list[int], z: int, method: str) -> LayerPlan:
+    labels = np.full(z, -1, dtype=np.int64)
+    labels[centres] = np.arange(len(centres))
+    return LayerPlan(labels, list(centres), merge=False, method=method)
+
+
+def _assign_to_centres(S: np.ndarray, centres: list[int], method: str) -> LayerPlan:
+    """Every expert joins the centre it is most similar to (centres join themselves)."""
+    c = np.asarray(centres)
+    labels = np.argmax(S[:, c], axis=1).astype(np.int64)  # [Z]
+    labels[c] = np.arange(len(c))
+    return LayerPlan(labels, list(centres), merge=True, method=method)
+
+
+def plan_uncurl(S: np.ndarray, freq: np.ndarray, d: int, seed: int = 0, n_init: int = 10) -> LayerPlan:
+    """Algorithm 1 lines 2-11: spectral clusters of S; each cluster's centre is its most frequent member."""
+    t0 = time.perf_counter()
+    F, ev = spectral_embedding(S, d)  # [Z, D], [Z]
+    t1 = time.perf_counter()
+    labels = kmeans_labels(F, d, seed=seed, n_init=n_init)  # [Z]
+    t2 = time.perf_counter()
+    centres = []
+    for k in range(d):
+        members = np.flatnonzero(labels == k)
+        centres.append(int(members[np.argmax(freq[members])]))  # argmax takes the lowest index on ties
+    plan = LayerPlan(labels, centres, merge=True, method="uncurl", eigenvalues=ev, embedding=F)
+    plan.seconds = {"eigen": t1 - t0, "kmeans": t2 - t1}
+    return plan
+
+
+def plan_freq_prune(freq: np.ndarray, d: int) -> LayerPlan:
+    return _prune_plan(_top_by_frequency(freq, d), len(freq), "freq_prune")
+
+
+def plan_random(z: int, d: int, rng: np.random.Generator) -> LayerPlan:
+    return _prune_plan(sorted(int(i) for i in rng.choice(z, size=d, replace=False)), z, "random")
+
+
+def plan_freq_merge(S: np.ndarray, freq: np.ndarray, d: int) -> LayerPlan:
+    return _assign_to_centres(S, _top_by_frequency(freq, d), "freq_merge")
+
+
+def mcsmoe_dominants(freqs: list[np.ndarray], budget: int) -> list[list[int]]:
+    """MC-SMoE's global choice of dominant experts: each layer's most frequent first, then the most frequent of
+    the rest across all layers (frequency = share of that layer's tokens) until `budget` experts are chosen."""
+    n_layers = len(freqs)
+    if budget < n_layers:
+        raise ValueError(f"mcsmoe needs at least one expert per layer: budget {budget} < {n_layers} layers")
+    chosen = [{int(np.lexsort((np.arange(len(f)), -f))[0])} for f in freqs]
+    pool = [(-float(f[z]), li, z) for li, f in enumerate(freqs) for z in range(len(f)) if z not in chosen[li]]
+    for _, li, z in sorted(pool)[: budget - n_layers]:
+        chosen[li].add(z)
+    return [sorted(c) for c in chosen]
+
+
+def plan_layers(
+    sims: list[np.ndarray], freqs: list[np.ndarray], method: str, targets: list[int], seed: int = 0, n_init: int = 10
+) -> list[LayerPlan]:
+    """The partition of every MoE layer for `method` from similarities S [Z, Z] and frequencies [Z] per layer.
+
+    Pure (no weights touched): the notebooks use it to show what a method would do before reducing anything.
+    """
+    if method not in METHODS:
+        raise ValueError(f"unknown reduction method {method!r}; known: {list(METHODS)}")
+    if method == "mcsmoe":
+        dominants = mcsmoe_dominants(freqs, sum(targets))
+        return [_assign_to_centres(S, dom, "mcsmoe") for S, dom in zip(sims, dominants)]
+    rng = np.random.default_rng(seed)
+    plans = []
+    for i, (S, f, d) in enumerate(zip(sims, freqs, targets)):
+        m = ("freq_prune" if i == 0 else "uncurl") if method == "hybrid" else method
+        if m == "uncurl":
+            plans.append(plan_uncurl(S, f, d, seed=seed, n_init=n_init))
+        elif m == "freq_prune":
+            plans.append(plan_freq_prune(f, d))
+        elif m == "freq_merge":
+            plans.append(plan_freq_merge(S, f, d))
+        else:
+            plans.append(plan_random(len(f), d, rng))
+    return plans
+
+
+# -- weights -------------------------------------------------------------------------------------------------------
+def _layer_experts(layer) -> list[ExpertWeights]:
+    e = layer.experts
+    return unstack_experts(e.w_in.detach(), e.b_in.detach(), e.w_out.detach(), e.b_out.detach())
+
+
+def _merge_groups(
+    experts: list[ExpertWeights], freq: np.ndarray, plan: LayerPlan, workers: int
+) -> tuple[list[ExpertWeights], float, float]:
+    """New experts of a layer per its plan -> (experts [D], align seconds, merge seconds)."""
+    out, t_align, t_merge = [], 0.0, 0.0
+    for d, centre in enumerate(plan.centres):
+        members = [int(m) for m in np.flatnonzero(plan.labels == d)]
+        if not plan.merge or len(members) == 1:
+            out.append(ExpertWeights(*(t.clone() for t in experts[centre])))
+            continue
+        others = [m for m in members if m != centre]
+        t0 = time.perf_counter()
+        perms = align_experts([experts[m] for m in others], experts[centre], workers=workers)
+        t1 = time.perf_counter()
+        aligned = {centre: experts[centre], **{m: permute_expert(experts[m], p) for m, p in zip(others, perms)}}
+        out.append(merge_experts([aligned[m] for m in members], freq[members]))
+        t_merge += time.perf_counter() - t1
+        t_align += t1 - t0
+    return out, t_align, t_merge
+
+
+def _new_router(old_w: torch.Tensor, freq: np.ndarray, plan: LayerPlan, option: str, seed: int) -> torch.Tensor:
+    """Router weight [D, d_model] of the reduced layer."""
+    d = len(plan.centres)
+    if option == "reinit":
+        g = torch.Generator().manual_seed(seed)
+        return torch.empty(d, old_w.shape[1]).normal_(0.0, 0.02, generator=g).to(old_w.dtype)
+    if option == "keep":
+        return old_w[plan.centres].clone()
+    rows = []
+    for k in range(d):
+        members = np.flatnonzero(plan.labels == k)
+        w = normalize_weights(freq[members], len(members)).to(old_w.dtype)  # [m]
+        rows.append(w @ old_w[members])
+    return torch.stack(rows)
+
+
+def _compose_maps(prev: list[list[int]] | None, labels: list[np.ndarray]) -> list[list[int]]:
+    """Provenance across repeated reductions: original expert -> newest index (-1 once dropped)."""
+    if prev is None:
+        return [lab.tolist() for lab in labels]
+    return [[int(lab[v]) if v >= 0 else -1 for v in p] for p, lab in zip(prev, labels)]
+
+
+# -- the public entry point ----------------------------------------------------------------------------------------
+def _targets(num_experts: int | list[int], zs: list[int], method: str) -> list[int]:
+    if isinstance(num_experts, bool) or not isinstance(num_experts, (int, list, tuple)):
+        raise ValueError(f"num_experts must be an int or a per-layer list, got {num_experts!r}")
+    ds = [num_experts] * len(zs) if isinstance(num_experts, int) else list(num_experts)
+    if len(ds) != len(zs):
+        raise ValueError(f"num_experts lists {len(ds)} layers, the model has {len(zs)} MoE layers")
+    for i, (d, z) in enumerate(zip(ds, zs)):
+        if isinstance(d, bool) or not isinstance(d, int) or not 1 <= d <= z:
+            raise ValueError(f"num_experts for MoE layer {i} must be in [1, Z={z}], got {d!r}")
+    return ds
+
+
+def reduce_model(
+    model,
+    method: str,
+    num_experts: int | list[int],
+    calibration: Calibration | Iterable[Any],
+    seed: int = 0,
+    router: str = "reinit",
+    workers: int = 1,
+    n_init: int = 10,
+    stability_seeds: tuple[int, ...] = (),
+    progress: bool = False,
+    **options: Any,
+):
+    """-> (new model with exactly num_experts experts per MoE layer, ReductionReport).
+
+    calibration: a Calibration artifact made from this very model, or an iterable of token-id batches [B, T]
+    (or (idx, mask) pairs) that is calibrated here. num_experts: int (every layer) or a per-layer list; for
+    `mcsmoe` their sum is the global budget. Bad input raises ValueError and changes nothing.
+    """
+    from ..model import GPT
+
+    if options:
+        raise ValueError(f"reduce_model: unknown option(s) {sorted(options)}")
+    if method not in METHODS:
+        raise ValueError(f"unknown reduction method {method!r}; known: {list(METHODS)}")
+    if router not in ROUTER_OPTIONS:
+        raise ValueError(f"unknown router option {router!r}; known: {list(ROUTER_OPTIONS)}")
+    layers = model.moe_layers()
+    if not layers:
+        raise ValueError("reduce_model: the model has no MoE layers (dense model)")
+    zs = [m.num_experts for m in layers]
+    targets = _targets(num_experts, zs, method)
+    t_start = time.perf_counter()
+    seconds: dict[str, float] = {"calibrate": 0.0}
+    if isinstance(calibration, Calibration):
+        check_compatible(calibration, model)
+        cal = calibration
+    else:
+        t0 = time.perf_counter()
+        cal = calibrate(model, calibration, progress=progress)
+        seconds["calibrate"] = time.perf_counter() - t0
+    if cal.experts_per_layer != zs:
+        raise ValueError(f"calibration has experts per layer {cal.experts_per_layer}, the model {zs}")
+
+    t0 = time.perf_counter()
+    sims = [np.asarray(similarity_from_gram(s.gram)) for s in cal.layers]
+    seconds["similarity"] = time.perf_counter() - t0
+    freqs = [s.frequencies.numpy() for s in cal.layers]
+    plans = plan_layers(sims, freqs, method, targets, seed=seed, n_init=n_init)
+    new_counts = [len(p.centres) for p in plans]
+    new_cfg = model.config.replace(
+        num_experts=new_counts, expert_map=_compose_maps(model.config.expert_map, [p.labels for p in plans])
+    )
+    new = GPT(new_cfg)
+    moe_prefixes = [f"transformer.h.{b}.mlp." for b in model.config.moe_block_indices]
+    shared = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(moe_prefixes))}
+    new.load_state_dict(shared, strict=False)  # everything but the MoE layers, which are filled below
+    reports = []
+    for i, (layer, new_layer, plan) in enumerate(zip(layers, new.moe_layers(), plans)):
+        experts, t_align, t_merge = _merge_groups(_layer_experts(layer), freqs[i], plan, workers)
+        w_in, b_in, w_out, b_out = stack_experts(experts)
+        r = _new_router(layer.router.weight.detach(), freqs[i], plan, router, seed * 1000 + i)
+        with torch.no_grad():
+            new_layer.experts.w_in.copy_(w_in)
+            new_layer.experts.b_in.copy_(b_in)
+            new_layer.experts.w_out.copy_(w_out)
+            new_layer.experts.b_out.copy_(b_out)
+            new_layer.router.weight.copy_(r)
+        sil = cluster_silhouette(plan.embedding, plan.labels) if plan.embedding is not None else float("nan")
+        gap = eigengap(plan.eigenvalues, len(plan.centres)) if plan.eigenvalues is not None else float("nan")
+        stab = cluster_stability(sims[i], len(plan.centres), seeds=stability_seeds) if stability_seeds else float("nan")
+        reports.append(
+            LayerReport(
+                layer=i,
+                block=model.config.moe_block_indices[i],
+                method=plan.method,
+                experts_before=zs[i],
+                experts_after=len(plan.centres),
+                labels=plan.labels,
+                frequencies=freqs[i],
+                centres=plan.centres,
+                similarity=sims[i],
+                eigenvalues=plan.eigenvalues,
+                embedding=plan.embedding,
+                eigengap=gap,
+                silhouette=sil,
+                stability=stab,
+                seconds={**{"eigen": 0.0, "kmeans": 0.0}, **plan.seconds, "align": t_align, "merge": t_merge},
+            )
+        )
+    for key in ("eigen", "kmeans", "align", "merge"):
+        seconds[key] = sum(r.seconds[key] for r in reports)
+    seconds["total"] = time.perf_counter() - t_start
+    new.to(next(model.parameters()).device).train(model.training)
+    report = ReductionReport(
+        method=method,
+        router=router,
+        seed=seed,
+        num_experts=new_counts,
+        layers=reports,
+        seconds={k: round(v, 4) for k, v in seconds.items()},
+        peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        calibration=cal.manifest,
+    )
+    return new, report
