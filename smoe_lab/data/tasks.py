@@ -24,11 +24,13 @@ from __future__ import annotations
 import json
 import os
 import re
+import socket
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import numpy as np
 import torch
@@ -268,6 +270,20 @@ def _hf_rows(task: str, split: str) -> list[dict]:
     raise ConnectionError("; ".join(errors))
 
 
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """True when the Hugging Face hub ($HF_ENDPOINT or huggingface.co) accepts a TCP connection within `timeout`
+    seconds, or when offline mode ($HF_HUB_OFFLINE / $HF_DATASETS_OFFLINE) asks `datasets` to use its cache.
+    Lets source="auto" fail in seconds instead of after `datasets`' minute of retries."""
+    if os.environ.get("HF_HUB_OFFLINE") == "1" or os.environ.get("HF_DATASETS_OFFLINE") == "1":
+        return True
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
+    try:
+        with socket.create_connection((host, 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _from_hf(task: str, split: str) -> list[Example]:
     out = []
     for i, row in enumerate(_hf_rows(task, split)):
@@ -298,6 +314,8 @@ def load_superglue(task: str, split: str, root: str | os.PathLike | None = None,
     if source == "hf":
         return _from_hf(task, split)
     try:
+        if not hub_reachable():
+            raise ConnectionError("the hub is not reachable")
         return _from_hf(task, split)
     except (ImportError, ConnectionError) as e:
         raise FileNotFoundError(
