@@ -1,5 +1,15 @@
 """Expert reduction: router-logit similarity, spectral clustering, permutation alignment and merging (UNCURL)."""
 
+from .align import (
+    ExpertWeights,
+    align_expert,
+    align_experts,
+    alignment_cost,
+    check_expert,
+    expert_forward,
+    permute_expert,
+)
+from .merge import merge_cluster, merge_experts, normalize_weights, stack_experts, unstack_experts
 from .similarity import router_gram, router_similarity, router_similarity_loop, similarity_from_gram
 from .spectral import (
     canonical_labels,
@@ -13,18 +23,35 @@ from .spectral import (
 )
 from .stability import cluster_stability
 
+# --- model-level API (smoe_lab/reduce/methods.py, written separately) ---------------------------------------------
+# from .methods import reduce_model
+# ------------------------------------------------------------------------------------------------------------------
+
 __all__ = [
+    "ExpertWeights",
+    "align_expert",
+    "align_experts",
+    "alignment_cost",
     "canonical_labels",
+    "check_expert",
     "cluster_silhouette",
     "cluster_stability",
     "eigengap",
+    "expert_forward",
     "kmeans_labels",
+    "merge_cluster",
+    "merge_experts",
+    "normalize_weights",
     "normalized_laplacian",
+    "permute_expert",
     "router_gram",
     "router_similarity",
     "router_similarity_loop",
     "similarity_from_gram",
     "spectral_clusters",
     "spectral_embedding",
+    "stack_experts",
     "suggest_num_clusters",
+    "unstack_experts",
+    # "reduce_model",  (add with the import above)
 ]
