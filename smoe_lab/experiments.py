@@ -208,3 +208,163 @@ def cluster_summary(explorer, D: int, methods: list[str], stability_seeds: list[
                 }
             )
     return pd.DataFrame(rows)
+
+
+# -- 03: reduce + finetune + evaluate ------------------------------------------------------------------------------
+def results_store(out_dir: str | Path):
+    from .results import ResultsStore
+
+    return ResultsStore(Path(out_dir) / "results.sqlite")
+
+
+def _done(path: Path, key: str) -> dict[str, Any] | None:
+    """A finished step's saved result when it was made with the same settings (key), else None."""
+    if path.is_file():
+        doc = json.loads(path.read_text())
+        if doc.get("key") == key:
+            return doc
+    return None
+
+
+def reduced_checkpoint(
+    base_ckpt: Path, cal, cal_path: Path, method: str, d: int, out_dir: Path, router: str, seed: int, workers: int
+) -> tuple[Path, dict[str, Any]]:
+    """Reduce once per (base, calibration, method, D, router, seed); the reduced checkpoint is reused."""
+    from .reduce.methods import reduce_model
+
+    dest = out_dir / "reduced" / f"{base_ckpt.parent.name}-{cal_path.stem}-{method}-D{d}-{router}-s{seed}"
+    key = f"{checkpoint.checkpoint_hash(base_ckpt)}:{cal_path.name}:{method}:{d}:{router}:{seed}"
+    done = _done(dest.parent / f"{dest.name}.json", key)
+    if done and (dest / "config.json").is_file():
+        return dest, done["report"]
+    model = checkpoint.load(base_ckpt)
+    new, report = reduce_model(model, method, d, cal, seed=seed, router=router, workers=workers)
+    _, meta = checkpoint.read_config(base_ckpt)
+    report_doc = report.to_dict()
+    checkpoint.save(
+        new,
+        dest,
+        tokenizer=checkpoint.load_tokenizer(base_ckpt),
+        **{**meta, "kind": "reduced", "parent": str(base_ckpt), "method": method, "reduction": report_doc},
+    )
+    checkpoint.atomic_write_text(dest.parent / f"{dest.name}.json", json.dumps({"key": key, "report": report_doc}))
+    return dest, report_doc
+
+
+def finetune_and_record(
+    ckpt: Path,
+    task: str,
+    train,
+    val,
+    cfg,
+    out_dir: Path,
+    store,
+    backbone: str,
+    progress: bool,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """Finetune a checkpoint on a task (skipped when done with the same settings); rows into the results store."""
+    from .finetune import finetune
+    from .results import checkpoint_identity, config_hash
+
+    model_cfg, meta = checkpoint.read_config(ckpt)
+    ident = checkpoint_identity(model_cfg, meta, backbone)
+    name = f"{ckpt.parent.name}-{ckpt.name}" if ckpt.name == "checkpoint" else ckpt.name
+    run_dir = out_dir / "finetune" / task / name
+    key = config_hash({"ckpt": checkpoint.checkpoint_hash(ckpt), "cfg": cfg.to_dict(), "n": [len(train), len(val)]})
+    done = _done(run_dir / "result.json", key)
+    if done:
+        return done["row"]
+    model = checkpoint.load(ckpt)
+    tok = checkpoint.load_tokenizer(ckpt)
+    res = finetune(model, tok, train, val, cfg, run_dir, progress=progress, meta={**ident, "task": task})
+    row = {
+        **ident,
+        "task": task,
+        "stage": cfg.stage,
+        "seed": cfg.seed,
+        "accuracy": res.best_accuracy,
+        "final_accuracy": res.final_accuracy,
+        "val_loss": res.final_val_loss,
+        "steps": res.steps,
+        "seconds": round(res.seconds, 2),
+        "run_dir": str(run_dir),
+        **(extra or {}),
+    }
+    common = {
+        **ident,
+        "task": task,
+        "stage": cfg.stage,
+        "seed": cfg.seed,
+        "config_hash": key,
+        "seconds": res.seconds,
+        "extra": extra or {},
+    }
+    store.append_many(
+        [
+            {**common, "metric": "accuracy", "value": res.best_accuracy},
+            {**common, "metric": "val_loss", "value": res.final_val_loss},
+        ]
+    )
+    checkpoint.atomic_write_text(run_dir / "result.json", json.dumps({"key": key, "row": row}, default=str))
+    return row
+
+
+def pruning_study(p) -> pd.DataFrame:
+    """Every reference model and every (method, D) reduction of the base model, finetuned and evaluated per task.
+
+    References: the base model itself (Z experts) and each variant of notebook 01 whose expert count is a target
+    D (the equal-size models trained from scratch) or 1 (dense). Reductions reuse one calibration per task.
+    """
+    from .finetune import FinetuneConfig, task_data
+
+    out = Path(p.out_dir)
+    store = results_store(out)
+    base = find_checkpoint(out, p.base_variant, p.seed)
+    cfg = FinetuneConfig.from_dict({**p.finetune, "seed": p.seed})
+    refs = [base] + [
+        pretrain_dir(out, v, p.seed) / "checkpoint"
+        for v in p.reference_variants
+        if (pretrain_dir(out, v, p.seed) / "checkpoint" / "config.json").is_file()
+    ]
+    rows = []
+    for task in p.tasks:
+        train, val = task_data(task, p.corpus, None, "auto", p.max_train_examples, p.max_eval_examples, p.seed)
+        for ref in refs:
+            rows.append(finetune_and_record(ref, task, train, val, cfg, out, store, p.backbone, p.progress))
+        cal, cal_path = calibration_artifact(
+            base,
+            task,
+            "train",
+            out,
+            max_examples=p.calibration_examples,
+            batch_size=p.batch_size,
+            corpus=p.corpus,
+            seed=p.seed,
+        )
+        for method in p.methods:
+            for d in p.targets:
+                ckpt, rep = reduced_checkpoint(base, cal, cal_path, method, d, out, p.router, p.seed, p.workers)
+                extra = {"reduce_seconds": rep["seconds"]["total"], "experts_per_layer": rep["num_experts"]}
+                rows.append(finetune_and_record(ckpt, task, train, val, cfg, out, store, p.backbone, p.progress, extra))
+    return pd.DataFrame(rows)
+
+
+def task_baselines(tasks: list[str], corpus: str | None, max_train: int, max_eval: int, seed: int = 0) -> pd.DataFrame:
+    """Chance and majority-class accuracy of each task's evaluation subset (the floor every model must clear)."""
+    from .evaluate import chance_baseline, majority_baseline
+    from .finetune import task_data
+
+    rows = []
+    for task in tasks:
+        train, val = task_data(task, corpus, None, "auto", max_train, max_eval, seed)
+        rows.append(
+            {
+                "task": task,
+                "n_train": len(train),
+                "n_eval": len(val),
+                "chance": chance_baseline(val),
+                "majority": majority_baseline(train, val),
+            }
+        )
+    return pd.DataFrame(rows)

@@ -152,7 +152,58 @@ class ClustersNotebook(NotebookParams):
             _err(nb, "interactive", f"must be true or false, got {self.interactive!r}")
 
 
+@dataclass
+class PruningNotebook(NotebookParams):
+    """03_pruning: reduce the base model with every method to each target D, finetune, evaluate, store."""
+
+    NOTEBOOK = "03_pruning"
+    backbone: str = "tiny"  # the backbone's name in tables ("354M" in the paper)
+    base_variant: str = "32e"
+    reference_variants: list[str] = field(default_factory=lambda: ["dense", "8e"])
+    seed: int = 0
+    tasks: list[str] = field(default_factory=lambda: ["boolq"])
+    corpus: str = "tiny"
+    targets: list[int] = field(default_factory=lambda: [16, 8])
+    methods: list[str] = field(default_factory=lambda: ["uncurl", "freq_prune", "freq_merge", "mcsmoe", "hybrid"])
+    router: str = "reinit"
+    calibration_examples: int = 256
+    batch_size: int = 16
+    max_train_examples: int = 512
+    max_eval_examples: int = 256
+    finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields
+    workers: int = 1
+    progress: bool = False
+    out_dir: str = "runs/quickstart"
+
+    def __post_init__(self) -> None:
+        from .finetune import FinetuneConfig
+        from .reduce.methods import METHODS, ROUTER_OPTIONS
+
+        nb = self.NOTEBOOK
+        self.out_dir = str(resolve_out_dir(self.out_dir))
+        if not self.tasks:
+            _err(nb, "tasks", "needs at least one task")
+        for t in self.tasks:
+            _check_task(nb, "tasks", t)
+        bad = [m for m in self.methods if m not in METHODS]
+        if bad:
+            _err(nb, "methods", f"unknown method(s) {bad}; known: {list(METHODS)}")
+        if self.router not in ROUTER_OPTIONS:
+            _err(nb, "router", f"must be one of {list(ROUTER_OPTIONS)}, got {self.router!r}")
+        if not self.targets or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in self.targets):
+            _err(nb, "targets", f"must be a non-empty list of expert counts >= 1, got {self.targets!r}")
+        for name in ("calibration_examples", "batch_size", "max_train_examples", "max_eval_examples", "workers"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                _err(nb, name, f"must be an integer >= 1, got {v!r}")
+        try:
+            FinetuneConfig.from_dict({**self.finetune, "seed": self.seed})
+        except ValueError as e:
+            _err(nb, "finetune", str(e))
+
+
 NOTEBOOK_PARAMS: dict[str, type[NotebookParams]] = {
+    PruningNotebook.NOTEBOOK: PruningNotebook,
     PretrainNotebook.NOTEBOOK: PretrainNotebook,
     ClustersNotebook.NOTEBOOK: ClustersNotebook,
 }

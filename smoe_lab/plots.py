@@ -186,3 +186,49 @@ def stability_bars(stabilities: list[float], D: int) -> go.Figure:
         height=380,
     )
     return fig
+
+
+# -- pruning comparison --------------------------------------------------------------------------------------------
+def accuracy_vs_experts(rows, task: str, metric: str = "accuracy", chance: float | None = None) -> go.Figure:
+    """Accuracy after finetuning vs experts kept per layer: one line per reduction method; models trained from
+    scratch (method 'none') as stars; the unreduced base as a dashed line."""
+    df = rows[rows["task"] == task]
+    fig = go.Figure()
+    reduced = df[df["method"] != "none"]
+    for i, (method, g) in enumerate(reduced.groupby("method")):
+        g = g.groupby("d", as_index=False)[metric].mean().sort_values("d")
+        fig.add_trace(
+            go.Scatter(
+                x=g["d"], y=g[metric], mode="lines+markers", name=method, line=dict(color=PALETTE[i % len(PALETTE)])
+            )
+        )
+    scratch = df[(df["method"] == "none")]
+    z_max = int(df["z"].max()) if len(df) else 0
+    base = scratch[scratch["d"] == z_max]
+    others = scratch[scratch["d"] != z_max]
+    if len(others):
+        fig.add_trace(
+            go.Scatter(
+                x=others["d"],
+                y=others[metric],
+                mode="markers",
+                name="trained from scratch",
+                marker=dict(symbol="star", size=14, color="black"),
+            )
+        )
+    if len(base):
+        fig.add_hline(
+            y=float(base[metric].mean()), line=dict(dash="dash", color="#7f7f7f"), annotation_text=f"unreduced {z_max}e"
+        )
+    if chance is not None:
+        fig.add_hline(y=chance, line=dict(dash="dot", color="#bbbbbb"), annotation_text="chance")
+    fig.update_layout(
+        title=f"{task}: {metric} after finetuning vs experts per layer",
+        xaxis_title="experts per layer (D)",
+        yaxis_title=metric,
+        xaxis_type="log",
+        template="plotly_white",
+        width=760,
+        height=460,
+    )
+    return fig

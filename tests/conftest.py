@@ -6,7 +6,8 @@ import torch
 # Deterministic, quiet, single-threaded-friendly defaults for the whole suite.
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One thread: the test models are tiny, and on a shared 2-core machine two threads can be 100x slower.
+torch.set_num_threads(1)
 
 
 @pytest.fixture
