@@ -110,8 +110,9 @@ def align_experts(experts: Sequence[ExpertWeights], reference: ExpertWeights, wo
 
     Threads suffice because torch matmuls and scipy's assignment solver both release the GIL. So that `workers`
     concurrent matmuls do not oversubscribe the cores, torch's process-wide thread count is lowered to
-    max(1, threads // workers) for the duration of the call and restored afterwards. Measured on 2 cores
-    (4-8 experts): 1.5x at d_ff=1024 and 1.4x at d_ff=4096 with workers=2; a spawn-process pool was slower.
+    max(1, threads // workers) for the duration of the call and restored afterwards. Measured on 2 shared cores,
+    workers=2 vs 1: 1.9x at d_ff=1024 (8 experts), 1.3-1.4x at d_ff=4096 (4 experts); without the thread cap threads
+    were slower than serial, and a spawn-process pool gained nothing at 4096 and lost at 1024 (start-up, pickling).
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
