@@ -88,13 +88,13 @@ def load_curves(table: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
     return {row.model: read_metrics(Path(row.run_dir) / "metrics.jsonl") for row in table.itertuples()}
 
 
-def save_table(table: pd.DataFrame, out_dir: str | Path, name: str) -> dict[str, str]:
-    """CSV + Markdown copies of a table under out_dir/tables."""
+def save_table(table: pd.DataFrame, out_dir: str | Path, name: str, markdown: str | None = None) -> dict[str, str]:
+    """CSV + Markdown copies of a table under out_dir/tables (markdown: a rendering to use instead of the plain one)."""
     out = Path(out_dir) / "tables"
     out.mkdir(parents=True, exist_ok=True)
     paths = {"csv": str(out / f"{name}.csv"), "md": str(out / f"{name}.md")}
     table.to_csv(paths["csv"], index=False)
-    Path(paths["md"]).write_text(table.to_markdown(index=False) + "\n")
+    Path(paths["md"]).write_text((markdown or table.to_markdown(index=False)) + "\n")
     return paths
 
 
@@ -368,3 +368,77 @@ def task_baselines(tasks: list[str], corpus: str | None, max_train: int, max_eva
             }
         )
     return pd.DataFrame(rows)
+
+
+# -- 04: tables, inference cost ------------------------------------------------------------------------------------
+def pretrained_variants(out_dir: str | Path, seed: int = 0) -> list[str]:
+    """Variant labels with a finished notebook-01 run under out_dir (dense first, then by expert count)."""
+    root = Path(out_dir) / "pretrain"
+    found = [p.name.rsplit("-s", 1)[0] for p in root.glob(f"*-s{seed}") if (p / "checkpoint" / "config.json").is_file()]
+    return sorted(found, key=lambda v: 1 if v == "dense" else int(v.rstrip("e")))
+
+
+def inference_profile(
+    out_dir: str | Path,
+    variants: list[str],
+    seed: int = 0,
+    batch_size: int = 1,
+    seq_len: int | None = None,
+    reps: int = 10,
+) -> pd.DataFrame:
+    """Per pretrained variant: validation loss (notebook 01), forward latency, and the MoE layer's time split."""
+    import torch
+
+    from .profile import model_latency, moe_layer_breakdown
+
+    rows = []
+    for v in variants:
+        ckpt = find_checkpoint(out_dir, v, seed)
+        model = checkpoint.load(ckpt)
+        run = summarize_run(pretrain_dir(out_dir, v, seed))
+        lat = model_latency(model, batch_size, seq_len, reps)
+        row = {
+            "model": v,
+            "experts": max(model.config.experts_per_layer or [1]),
+            "params": run["params"],
+            "active_params": run["active_params"],
+            "val_loss": run["val_loss"],
+            **lat,
+        }
+        layers = model.moe_layers()
+        if layers:
+            g = torch.Generator().manual_seed(seed)
+            x = torch.randn(lat["batch_size"] * lat["seq_len"], model.config.d_model, generator=g)
+            parts = moe_layer_breakdown(layers[0], x, reps)
+            row.update({f"moe_{k}_ms": round(t, 4) for k, t in parts.items()})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+TABLES = {
+    "table1_greedy_pruning": ["freq_prune"],
+    "table2_uncurl": ["uncurl"],
+    "table3_frequency_merge": ["uncurl", "freq_merge"],
+    "table4_mcsmoe": ["uncurl", "mcsmoe"],
+    "table5_hybrid": ["uncurl", "hybrid", "freq_prune"],
+}
+
+
+def paper_tables(out_dir: str | Path, tasks: list[str] | None = None, tables: dict[str, list[str]] | None = None):
+    """The paper's Tables 1-4 (+ the hybrid) from the results store: name -> AccuracyTable; CSV + Markdown saved."""
+    from .results import accuracy_table
+
+    store = results_store(out_dir)
+    df = store.rows(metric="accuracy")
+    if df.empty:
+        raise ValueError(f"the results store {store.path} holds no accuracy rows: run notebook 03 first")
+    tasks = tasks or sorted(df["task"].unique())
+    out = {}
+    for name, methods in (tables or TABLES).items():
+        present = [m for m in methods if m in set(df["method"])]
+        if not present:
+            continue
+        t = accuracy_table(df, tasks, methods=present)
+        save_table(t.to_frame(), out_dir, name, markdown=t.to_markdown())
+        out[name] = t
+    return out

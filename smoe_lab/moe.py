@@ -236,30 +236,55 @@ class _GatherRows(torch.autograd.Function):
         return grad_x, None, None, None
 
 
+@dataclass
+class DispatchPlan:
+    """Where each kept token goes in the padded [E, C', d] expert buffer (see `dispatch`)."""
+
+    slot: Tensor  # [N] buffer slot of each token (0 for dropped tokens, whose output is scaled by 0)
+    src: Tensor  # [E*C'] token feeding each slot (0 for unused slots, whose outputs are never read)
+    filled: Tensor  # [E*C'] bool: slot holds a kept token
+    capacity: int  # C'
+
+
+def plan_dispatch(r: Routing, num_experts: int) -> DispatchPlan | None:
+    """Slots in a padded buffer of C' = the largest kept count of any expert (<= capacity); None if nothing kept."""
+    kept = r.kept
+    counts = torch.bincount(r.expert_index[kept], minlength=num_experts)  # [E]
+    c = int(counts.max()) if kept.numel() else 0
+    if c == 0:
+        return None
+    slot = torch.where(kept, r.expert_index * c + r.position, torch.zeros_like(r.position))  # [N]
+    src = torch.zeros(num_experts * c, dtype=torch.long, device=kept.device)  # [E*C']
+    src[slot[kept]] = torch.nonzero(kept).squeeze(1)
+    filled = torch.zeros(num_experts * c, dtype=torch.bool, device=kept.device)  # [E*C']
+    filled[slot[kept]] = True
+    return DispatchPlan(slot, src, filled, c)
+
+
+def dispatch(x: Tensor, r: Routing, plan: DispatchPlan) -> Tensor:
+    """x [N, d] -> expert buffer [E, C', d] (a row gather both ways, see _GatherRows)."""
+    e = plan.src.numel() // plan.capacity
+    return _GatherRows.apply(x, plan.src, plan.slot, r.kept).view(e, plan.capacity, x.shape[1])
+
+
+def combine(yb: Tensor, r: Routing, plan: DispatchPlan) -> Tensor:
+    """Expert outputs [E, C', d] -> [N, d], each kept token scaled by its gate, dropped tokens 0."""
+    scale = (r.gate * r.kept).to(yb.dtype).unsqueeze(1)  # [N, 1]
+    return _GatherRows.apply(yb.reshape(-1, yb.shape[-1]), plan.slot, plan.src, plan.filled) * scale
+
+
 def dispatch_combine(experts: Experts, x: Tensor, r: Routing) -> Tensor:
     """Index dispatch into a padded [E, C', d] buffer, two batched matmuls, gather back, scale by the gate.
 
-    C' = the largest number of kept tokens of any expert (<= capacity), so a balanced batch pads little.
     x: [N, d] -> [N, d]; dropped tokens get zeros. Dispatch and combine are row gathers in both directions (see
     _GatherRows): unused buffer slots read token 0 and dropped tokens read slot 0, but those values are discarded
     (never gathered back, or scaled by 0), so neither outputs nor gradients see them and no padded copy is made.
+    No [tokens, experts, capacity] tensor exists: memory grows with tokens only.
     """
-    n, d = x.shape
-    e = experts.num_experts
-    kept = r.kept
-    counts = torch.bincount(r.expert_index[kept], minlength=e)  # [E]
-    c = int(counts.max()) if n else 0
-    if c == 0:
-        return x.new_zeros(n, d)
-    slot = torch.where(kept, r.expert_index * c + r.position, torch.zeros_like(r.position))  # [N] buffer slot
-    src = torch.zeros(e * c, dtype=torch.long, device=x.device)  # [E*C'] token feeding each slot
-    src[slot[kept]] = torch.nonzero(kept).squeeze(1)
-    filled = torch.zeros(e * c, dtype=torch.bool, device=x.device)  # [E*C'] slot holds a kept token
-    filled[slot[kept]] = True
-    xb = _GatherRows.apply(x, src, slot, kept).view(e, c, d)  # [E, C', d]
-    yb = experts.forward_padded(xb).reshape(e * c, d)  # [E*C', d]
-    scale = (r.gate * kept).to(yb.dtype).unsqueeze(1)  # [N, 1]
-    return _GatherRows.apply(yb, slot, src, filled) * scale
+    plan = plan_dispatch(r, experts.num_experts)
+    if plan is None:
+        return x.new_zeros(x.shape)
+    return combine(experts.forward_padded(dispatch(x, r, plan)), r, plan)
 
 
 def moe_reference(experts: Experts, x: Tensor, r: Routing) -> Tensor:

@@ -202,7 +202,31 @@ class PruningNotebook(NotebookParams):
             _err(nb, "finetune", str(e))
 
 
+@dataclass
+class ResultsNotebook(NotebookParams):
+    """04_results: the paper's tables from the results store, loss curves, and the inference-cost picture."""
+
+    NOTEBOOK = "04_results"
+    tasks: list[str] = field(default_factory=list)  # [] = every task in the store
+    seed: int = 0
+    latency_batch_size: int = 1
+    latency_seq_len: int = 128
+    latency_reps: int = 10
+    out_dir: str = "runs/quickstart"
+
+    def __post_init__(self) -> None:
+        nb = self.NOTEBOOK
+        self.out_dir = str(resolve_out_dir(self.out_dir))
+        for t in self.tasks:
+            _check_task(nb, "tasks", t)
+        for name in ("latency_batch_size", "latency_seq_len", "latency_reps"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                _err(nb, name, f"must be an integer >= 1, got {v!r}")
+
+
 NOTEBOOK_PARAMS: dict[str, type[NotebookParams]] = {
+    ResultsNotebook.NOTEBOOK: ResultsNotebook,
     PruningNotebook.NOTEBOOK: PruningNotebook,
     PretrainNotebook.NOTEBOOK: PretrainNotebook,
     ClustersNotebook.NOTEBOOK: ClustersNotebook,

@@ -232,3 +232,45 @@ def accuracy_vs_experts(rows, task: str, metric: str = "accuracy", chance: float
         height=460,
     )
     return fig
+
+
+# -- inference cost ------------------------------------------------------------------------------------------------
+def loss_vs_latency(profile) -> go.Figure:
+    """The paper's Fig 2a: validation loss vs forward latency, one point per expert count."""
+    fig = go.Figure(
+        go.Scatter(
+            x=profile["latency_ms"],
+            y=profile["val_loss"],
+            mode="markers+text+lines",
+            text=profile["model"],
+            textposition="top center",
+            marker=dict(size=12, color=PALETTE[0]),
+        )
+    )
+    fig.update_layout(
+        title="Validation loss vs inference latency per expert count (Fig 2a)",
+        xaxis_title="forward latency (ms)",
+        yaxis_title="validation loss",
+        template="plotly_white",
+        width=760,
+        height=460,
+    )
+    return fig
+
+
+def moe_breakdown_bars(profile) -> go.Figure:
+    """Time split of one MoE layer per expert count (cf. the paper's Figs 4-5)."""
+    parts = [c for c in profile.columns if c.startswith("moe_") and c.endswith("_ms")]
+    df = profile.dropna(subset=parts) if parts else profile.iloc[0:0]
+    fig = go.Figure()
+    for i, c in enumerate(parts):
+        fig.add_trace(go.Bar(x=df["model"], y=df[c], name=c[4:-3], marker_color=PALETTE[i % len(PALETTE)]))
+    fig.update_layout(
+        barmode="stack",
+        title="Where the time of one MoE layer goes (forward, eval mode)",
+        yaxis_title="ms",
+        template="plotly_white",
+        width=760,
+        height=460,
+    )
+    return fig

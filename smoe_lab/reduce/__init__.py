@@ -10,6 +10,7 @@ from .align import (
     permute_expert,
 )
 from .merge import merge_cluster, merge_experts, normalize_weights, stack_experts, unstack_experts
+from .methods import METHODS, ROUTER_OPTIONS, ReductionReport, plan_layers, reduce_model
 from .similarity import router_gram, router_similarity, router_similarity_loop, similarity_from_gram
 from .spectral import (
     canonical_labels,
@@ -22,10 +23,6 @@ from .spectral import (
     suggest_num_clusters,
 )
 from .stability import cluster_stability
-
-# --- model-level API (smoe_lab/reduce/methods.py, written separately) ---------------------------------------------
-# from .methods import reduce_model
-# ------------------------------------------------------------------------------------------------------------------
 
 __all__ = [
     "ExpertWeights",
@@ -53,5 +50,9 @@ __all__ = [
     "stack_experts",
     "suggest_num_clusters",
     "unstack_experts",
-    # "reduce_model",  (add with the import above)
+    "METHODS",
+    "ROUTER_OPTIONS",
+    "ReductionReport",
+    "plan_layers",
+    "reduce_model",
 ]
