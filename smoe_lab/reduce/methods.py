@@ -213,12 +213,12 @@ def plan_layers(
 
 
 # -- weights -------------------------------------------------------------------------------------------------------
-def _layer_experts(layer) -> list[ExpertWeights]:
+def layer_experts(layer) -> list[ExpertWeights]:
     e = layer.experts
     return unstack_experts(e.w_in.detach(), e.b_in.detach(), e.w_out.detach(), e.b_out.detach())
 
 
-def _merge_groups(
+def merge_groups(
     experts: list[ExpertWeights], freq: np.ndarray, plan: LayerPlan, workers: int
 ) -> tuple[list[ExpertWeights], float, float]:
     """New experts of a layer per its plan -> (experts [D], align seconds, merge seconds)."""
@@ -334,7 +334,7 @@ def reduce_model(
     new.load_state_dict(shared, strict=False)  # everything but the MoE layers, which are filled below
     reports = []
     for i, (layer, new_layer, plan) in enumerate(zip(layers, new.moe_layers(), plans)):
-        experts, t_align, t_merge = _merge_groups(_layer_experts(layer), freqs[i], plan, workers)
+        experts, t_align, t_merge = merge_groups(layer_experts(layer), freqs[i], plan, workers)
         w_in, b_in, w_out, b_out = stack_experts(experts)
         r = _new_router(layer.router.weight.detach(), freqs[i], plan, router, seed * 1000 + i)
         with torch.no_grad():
