@@ -60,10 +60,8 @@ def main(argv=None) -> None:
             times[k].append(best)
     tokens = args.batch_size * next(iter(runs.values()))[2].shape[1]
     base = tokens / statistics.median(times["dense"]) if "dense" in times else None
-    print(
-        f"preset {args.preset}, batch {args.batch_size} x {tokens // args.batch_size}, {torch.get_num_threads()} threads; "
-        f"median over {args.rounds} rounds of best-of-{args.reps}"
-    )
+    shape = f"batch {args.batch_size} x {tokens // args.batch_size}"
+    print(f"preset {args.preset}, {shape}, {torch.get_num_threads()} threads; median of {args.rounds} rounds")
     print(f"{'model':<8} {'ms/step':>9} {'tokens/s':>10} {'x dense':>8}")
     for k, t in times.items():
         tps = tokens / statistics.median(t)
