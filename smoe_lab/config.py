@@ -84,6 +84,10 @@ class ModelConfig(_FromDict):
     num_experts: 1 builds the dense GPT-2 (an SMoE with one expert is exactly a dense FFN: the softmax over
     one logit is 1 and no token is dropped at capacity factor >= 1). An int > 1 puts that many experts in
     every MoE layer; a list gives one count per MoE layer (reduced models, `mcsmoe`), always building MoE layers.
+
+    moe_impl: "native" (smoe_lab.moe.MoELayer) or "deepspeed" (smoe_lab.ds.moe.DeepSpeedMoELayer, built from
+    deepspeed.moe.layer.MoE); ep_size: expert-parallel ranks per expert group (deepspeed only; divides every
+    layer's expert count); use_rts: DeepSpeed's Random Token Selection when capacity binds (deepspeed only).
     """
 
     n_layer: int = 4
@@ -103,6 +107,9 @@ class ModelConfig(_FromDict):
     bias: bool = True
     tie_embeddings: bool = True
     layer_norm_eps: float = 1e-5
+    moe_impl: str = "native"  # native | deepspeed
+    ep_size: int = 1
+    use_rts: bool = False
     # Provenance of a reduced model: per MoE layer, old expert index -> new expert index (-1 = dropped).
     expert_map: list[list[int]] | None = None
 
@@ -120,6 +127,13 @@ class ModelConfig(_FromDict):
         _check_number(c, "layer_norm_eps", self.layer_norm_eps, 0.0, lo_open=True)
         if not isinstance(self.drop_tokens, bool):
             _fail(c, "drop_tokens", f"must be a bool, got {self.drop_tokens!r}")
+        if self.moe_impl not in ("native", "deepspeed"):
+            _fail(c, "moe_impl", f"must be 'native' or 'deepspeed', got {self.moe_impl!r}")
+        _check_positive_int(c, "ep_size", self.ep_size)
+        if not isinstance(self.use_rts, bool):
+            _fail(c, "use_rts", f"must be a bool, got {self.use_rts!r}")
+        if self.ep_size > 1 and self.moe_impl != "deepspeed":
+            _fail(c, "ep_size", f"expert parallelism (ep_size={self.ep_size}) needs moe_impl 'deepspeed'")
         if isinstance(self.num_experts, (list, tuple)):
             self.num_experts = [
                 int(e) if isinstance(e, int) and not isinstance(e, bool) else e for e in self.num_experts
@@ -140,6 +154,9 @@ class ModelConfig(_FromDict):
             for i, (m, e) in enumerate(zip(self.expert_map, self.experts_per_layer)):
                 if any((not isinstance(v, int)) or v < -1 or v >= e for v in m):
                     _fail(c, "expert_map", f"layer {i} maps to indices outside [-1, {e})")
+        if any(e % self.ep_size for e in self.experts_per_layer):
+            counts = self.experts_per_layer
+            _fail(c, "ep_size", f"must divide the expert count of every MoE layer {counts}, got {self.ep_size}")
 
     # -- derived -------------------------------------------------------------------------------------------
     @property
@@ -197,6 +214,10 @@ class TrainConfig(_FromDict):
 
     batch_size is the global batch in sequences; micro_batch_size sequences go through the model at once and
     gradients are accumulated over batch_size // micro_batch_size micro-steps.
+
+    engine: "torch" (one process) or "deepspeed" (smoe_lab.ds.engine: data / expert parallel over the ranks of
+    the `deepspeed` launcher; accumulation batch_size // micro_batch_size // world_size); zero_stage: DeepSpeed's
+    ZeRO stage 0, 1 or 2 (deepspeed engine only; stage 3 is not supported with MoE layers).
     """
 
     max_steps: int = 100
@@ -217,7 +238,8 @@ class TrainConfig(_FromDict):
     seed: int = 0
     device: str = "auto"  # auto | cpu | cuda
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
-    engine: str = "torch"
+    engine: str = "torch"  # torch | deepspeed
+    zero_stage: int = 0
     compile: bool = False
 
     def __post_init__(self) -> None:
@@ -243,8 +265,10 @@ class TrainConfig(_FromDict):
             _fail(c, "device", f"must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             _fail(c, "dtype", f"must be auto, float32 or bfloat16, got {self.dtype!r}")
-        if self.engine != "torch":
-            _fail(c, "engine", f"must be 'torch' (the deepspeed engine is not available yet), got {self.engine!r}")
+        if self.engine not in ("torch", "deepspeed"):
+            _fail(c, "engine", f"must be 'torch' or 'deepspeed', got {self.engine!r}")
+        if isinstance(self.zero_stage, bool) or self.zero_stage not in (0, 1, 2):
+            _fail(c, "zero_stage", f"must be 0, 1 or 2 (ZeRO-3 does not support MoE layers), got {self.zero_stage!r}")
 
     @property
     def grad_accum_steps(self) -> int:
