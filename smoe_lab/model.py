@@ -57,6 +57,10 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(cfg.d_model, eps=cfg.layer_norm_eps, bias=cfg.bias)
         if num_experts is None:
             self.mlp = MLP(cfg)
+        elif cfg.moe_impl == "deepspeed":
+            from .ds.moe import build_layer  # needs deepspeed installed
+
+            self.mlp = build_layer(cfg, num_experts)
         else:
             self.mlp = MoELayer(
                 cfg.d_model,
@@ -71,7 +75,7 @@ class Block(nn.Module):
 
     @property
     def is_moe(self) -> bool:
-        return isinstance(self.mlp, MoELayer)
+        return not isinstance(self.mlp, MLP)  # MoELayer or DeepSpeedMoELayer
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
         x = x + self.attn(self.ln_1(x))
@@ -115,6 +119,8 @@ class GPT(nn.Module):
         n_layer = self.config.n_layer
         with torch.no_grad():
             for name, m in self.named_modules():
+                if getattr(m, "_smoe_init_by_moe_layer", False):
+                    continue  # a DeepSpeed expert's Linear: its MoE layer draws it below
                 if isinstance(m, nn.Linear):
                     std = 0.02 / math.sqrt(2 * n_layer) if name.endswith("c_proj") else 0.02
                     m.weight.normal_(0.0, std, generator=g)
@@ -127,7 +133,10 @@ class GPT(nn.Module):
                     if m.bias is not None:
                         m.bias.zero_()
             for layer in self.moe_layers():
-                init_moe_(layer, n_layer, g)
+                if isinstance(layer, MoELayer):
+                    init_moe_(layer, n_layer, g)
+                else:
+                    layer.init_weights_(n_layer, g)  # DeepSpeed-MoE: init_moe_'s draws on the stacked layout
 
     # -- structure -----------------------------------------------------------------------------------------
     def moe_layers(self) -> list[MoELayer]:
