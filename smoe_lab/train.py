@@ -58,6 +58,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
+    if cfg.engine == "deepspeed":  # joins the launcher's process group; this rank's GPU (cuda:LOCAL_RANK) or cpu
+        from .ds.engine import local_device
+
+        return local_device(cfg)
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     if cfg.device == "cuda" and not torch.cuda.is_available():
@@ -149,7 +153,26 @@ def fit(
     next_batch() draws one micro-batch using `generator` (whose state is checkpointed, so resume is exact).
     Only parameters with requires_grad are optimised (router-only warm-up freezes the rest).
     Raises FloatingPointError on a non-finite loss, before anything is written for that step.
+    cfg.engine == "deepspeed" runs the same loop through DeepSpeed over the launcher's ranks (smoe_lab.ds.engine).
     """
+    if cfg.engine == "deepspeed":
+        from .ds.engine import fit as deepspeed_fit
+
+        return deepspeed_fit(
+            model,
+            cfg,
+            next_batch,
+            out_dir,
+            generator,
+            evaluate,
+            resume,
+            meta,
+            progress,
+            desc,
+            checkpoint_name,
+            on_eval,
+            tokenizer,
+        )
     out_dir = Path(out_dir)
     device = next(model.parameters()).device
     ck_path = out_dir / checkpoint_name
