@@ -4,6 +4,7 @@
     smoe-lab pretrain --params FILE [--set key=value ...] [--resume]
     smoe-lab run quickstart | ci | quick | paper      (executes the notebooks with papermill into runs/<name>/)
     smoe-lab run --params FILE                        (a pipeline YAML: per-notebook parameters)
+    smoe-lab convert --from native|deepspeed|deepspeed-engine --to native|deepspeed --checkpoint C --out O
 
 Errors from bad input are printed as one line (`smoe-lab: error: ...`) with exit code 2.
 """
@@ -172,6 +173,22 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         print(f"stored rows {ids} in {args.store} as {ident}")
 
 
+def _cmd_convert(args: argparse.Namespace) -> None:
+    from .ds.convert import convert_checkpoint
+
+    out = convert_checkpoint(
+        args.checkpoint,
+        args.out,
+        args.src,
+        args.dst,
+        ep_size=args.ep_size,
+        tag=args.tag,
+        config=args.config,
+        tokenizer_from=args.tokenizer_from,
+    )
+    print(f"converted {args.src} -> {args.dst}: {out}")
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from .pipeline import run_pipeline
 
@@ -258,6 +275,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--run-seed", type=int, default=None, help="store: training seed (default meta)")
     ev.add_argument("--no-progress", action="store_true")
     ev.set_defaults(func=_cmd_evaluate)
+
+    cv = sub.add_parser("convert", help="checkpoint interchange: native <-> DeepSpeed-MoE layout, DeepSpeed engine")
+    cv.add_argument("--from", dest="src", required=True, help="native | deepspeed | deepspeed-engine")
+    cv.add_argument("--to", dest="dst", required=True, help="native | deepspeed")
+    cv.add_argument("--checkpoint", required=True, help="smoe_lab checkpoint folder, or a DeepSpeed engine save dir")
+    cv.add_argument("--out", required=True, help="output smoe_lab checkpoint folder")
+    cv.add_argument("--ep-size", type=int, default=1, help="--to deepspeed: expert-parallel size to record")
+    cv.add_argument("--tag", help="deepspeed-engine: checkpoint tag (default: the 'latest' file)")
+    cv.add_argument("--config", help="deepspeed-engine without smoe_lab client state: model config file or folder")
+    cv.add_argument("--tokenizer-from", help="smoe_lab checkpoint folder whose tokenizer to copy")
+    cv.set_defaults(func=_cmd_convert)
 
     r = sub.add_parser("run", help="run the notebook pipeline with papermill")
     r.add_argument("name", nargs="?", default=None, help="quickstart | ci | quick | paper (params/<nb>/<name>.yaml)")

@@ -112,6 +112,12 @@ def use_bf16(cfg: TrainConfig, device_type: str) -> bool:
     return cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device_type == "cuda")
 
 
+def clips_itself(cfg: TrainConfig, device_type: str) -> bool:
+    """fp32 ZeRO-0: the engine clips with the exact global norm itself (DeepSpeed's fp32 ZeRO-0 clipping averages
+    the ranks' local norms, which differs from the global norm once experts are spread over ranks)."""
+    return cfg.zero_stage == 0 and not use_bf16(cfg, device_type)
+
+
 def ds_config(cfg: TrainConfig, world_size: int, device_type: str) -> dict[str, Any]:
     """The DeepSpeed config generated from a TrainConfig (see the module docstring)."""
     zero: dict[str, Any] = {"stage": cfg.zero_stage}
@@ -121,7 +127,7 @@ def ds_config(cfg: TrainConfig, world_size: int, device_type: str) -> dict[str, 
         "train_batch_size": cfg.batch_size,
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": grad_accum_steps(cfg, world_size),
-        "gradient_clipping": float(cfg.grad_clip),
+        "gradient_clipping": 0.0 if clips_itself(cfg, device_type) else float(cfg.grad_clip),
         "zero_optimization": zero,
         "zero_allow_untested_optimizer": True,  # the project's torch AdamW
         "bf16": {"enabled": use_bf16(cfg, device_type)},
@@ -155,10 +161,38 @@ def _draw(next_batch: Callable[[], Batch], rank: int, world: int) -> Batch:
     return mine
 
 
-def _grad_norm(model: torch.nn.Module) -> float:
-    """Norm of the (all-reduced) gradients before clipping: fp32 ZeRO-0, where DeepSpeed keeps none."""
-    grads = [p.grad.detach().float().norm() for p in model.parameters() if p.grad is not None]
-    return float(torch.stack(grads).norm()) if grads else 0.0
+@torch.no_grad()
+def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
+    """Global norm of the (all-reduced) gradients, clipped in place to max_norm (0: no clipping), as
+    torch.nn.utils.clip_grad_norm_ on one process: expert gradients, different on every rank of an expert-parallel
+    group, are summed over that group; the others are the same on every rank and counted once."""
+    shared = torch.zeros((), dtype=torch.float64)
+    expert = torch.zeros((), dtype=torch.float64)
+    group_name = None
+    grads = []
+    for p in model.parameters():
+        if p.grad is None:
+            continue
+        grads.append(p.grad)
+        sq = p.grad.detach().double().pow(2).sum().cpu()
+        if getattr(p, "allreduce", True) is False:  # a DeepSpeed-MoE expert parameter
+            expert += sq
+            group_name = p.group_name
+        else:
+            shared += sq
+    if group_name is not None and model.config.ep_size > 1:
+        from deepspeed.utils import groups
+
+        dev = grads[0].device
+        total = expert.to(dev)
+        torch.distributed.all_reduce(total, group=groups._get_expert_parallel_group(group_name))
+        expert = total.cpu()
+    norm = float((shared + expert).sqrt())
+    if max_norm > 0:
+        coef = min(1.0, max_norm / (norm + 1e-6))
+        if coef < 1.0:
+            torch._foreach_mul_(grads, coef)
+    return norm
 
 
 def _rng_file(ds_dir: Path, tag: str, rank: int) -> Path:
@@ -225,7 +259,7 @@ def fit(
             torch.cuda.set_rng_state(rng["cuda"])
         start = int(state["step"])
     log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if resume else None) if rank == 0 else None
-    own_norm = cfg.zero_stage == 0 and not use_bf16(cfg, device.type)
+    own_clip = clips_itself(cfg, device.type)
     tokens_per_step = 0
     t0 = time.perf_counter()
     last_loss = float("nan")
@@ -290,10 +324,10 @@ def fit(
                 )
             sums += here
             engine.backward(total)
-            if own_norm and micro == accum - 1:
-                grad_norm = _grad_norm(model)
+            if own_clip and micro == accum - 1:  # gradients are all-reduced at the accumulation boundary
+                grad_norm = clip_grad_norm(model, cfg.grad_clip)
             engine.step()
-        if not own_norm:
+        if not own_clip:
             gn = engine.get_global_grad_norm()
             grad_norm = float("nan") if gn is None else float(gn)
         loss_sum, aux_sum = float(sums[0]) / (accum * world), float(sums[1]) / (accum * world)
