@@ -232,7 +232,7 @@ def reduced_checkpoint(
     """Reduce once per (base, calibration, method, D, router, seed); the reduced checkpoint is reused."""
     from .reduce.methods import reduce_model
 
-    dest = out_dir / "reduced" / f"{base_ckpt.parent.name}-{cal_path.stem}-{method}-D{d}-{router}-s{seed}"
+    dest = out_dir / "reduced" / f"{cal_path.stem}-{method}-D{d}-{router}-s{seed}"  # stem names base + task
     key = f"{checkpoint.checkpoint_hash(base_ckpt)}:{cal_path.name}:{method}:{d}:{router}:{seed}"
     done = _done(dest.parent / f"{dest.name}.json", key)
     if done and (dest / "config.json").is_file():
@@ -269,7 +269,7 @@ def finetune_and_record(
 
     model_cfg, meta = checkpoint.read_config(ckpt)
     ident = checkpoint_identity(model_cfg, meta, backbone)
-    name = f"{ckpt.parent.name}-{ckpt.name}" if ckpt.name == "checkpoint" else ckpt.name
+    name = ckpt.parent.name if ckpt.name == "checkpoint" else ckpt.name  # pretrain run folder, or reduced name
     run_dir = out_dir / "finetune" / task / name
     key = config_hash({"ckpt": checkpoint.checkpoint_hash(ckpt), "cfg": cfg.to_dict(), "n": [len(train), len(val)]})
     done = _done(run_dir / "result.json", key)
