@@ -199,6 +199,8 @@ def _cmd_run(args: argparse.Namespace) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="smoe-lab", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    # the `deepspeed` launcher passes --local_rank=N before the subcommand; the rank is read from LOCAL_RANK
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
 
     d = sub.add_parser("data", help="prepare the shipped corpus and task data")
