@@ -222,11 +222,11 @@ def accuracy_vs_experts(rows, task: str, metric: str = "accuracy", chance: float
         )
     if chance is not None:
         fig.add_hline(y=chance, line=dict(dash="dot", color="#bbbbbb"), annotation_text="chance")
+    ticks = sorted(set(df["d"].tolist()) | ({z_max} if z_max else set()))
     fig.update_layout(
         title=f"{task}: {metric} after finetuning vs experts per layer",
-        xaxis_title="experts per layer (D)",
+        xaxis=dict(title="experts per layer (D)", type="log", tickvals=ticks, ticktext=[str(t) for t in ticks]),
         yaxis_title=metric,
-        xaxis_type="log",
         template="plotly_white",
         width=760,
         height=460,
