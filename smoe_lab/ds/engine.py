@@ -191,7 +191,8 @@ def clip_grad_norm(model: torch.nn.Module, max_norm: float) -> float:
     if max_norm > 0:
         coef = min(1.0, max_norm / (norm + 1e-6))
         if coef < 1.0:
-            torch._foreach_mul_(grads, coef)
+            for g in grads:
+                g.mul_(coef)
     return norm
 
 
