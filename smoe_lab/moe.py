@@ -119,6 +119,21 @@ class Experts(nn.Module):
         h = gelu(torch.baddbmm(self.b_in.unsqueeze(1), xb, self.w_in))  # [E, C, d_ff]
         return torch.baddbmm(self.b_out.unsqueeze(1), h, self.w_out)  # [E, C, d_model]
 
+    def forward_grouped(self, xs: Tensor, counts: list[int]) -> Tensor:
+        """xs [M, d_model] sorted by expert (counts[e] rows for expert e) -> [M, d_model]; no padding.
+
+        One addmm per expert on its slice; the stacked weights are unbound once, so the backward stacks the
+        per-expert gradients in one op (indexing w_in[e] would allocate a full-size zero gradient per expert).
+        """
+        w_in, b_in, w_out, b_out = (t.unbind(0) for t in (self.w_in, self.b_in, self.w_out, self.b_out))
+        parts = xs.split(counts)
+        outs = [
+            torch.addmm(b_out[e], gelu(torch.addmm(b_in[e], part, w_in[e])), w_out[e])
+            for e, part in enumerate(parts)
+            if part.shape[0]
+        ]
+        return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[1])
+
     def forward_one(self, e: int, x: Tensor) -> Tensor:
         """Expert e on x [n, d_model] (reference path)."""
         return gelu(x @ self.w_in[e] + self.b_in[e]) @ self.w_out[e] + self.b_out[e]
@@ -216,6 +231,9 @@ class MoELayer(nn.Module):
         )
 
 
+GROUPED_MIN_TOKENS = 96  # mean tokens per expert from which the unpadded grouped path is faster on CPU
+
+
 class _GatherRows(torch.autograd.Function):
     """y = x[fwd_idx] whose backward is also a gather: grad_x = grad_y[bwd_idx] * bwd_mask.
 
@@ -273,14 +291,51 @@ def combine(yb: Tensor, r: Routing, plan: DispatchPlan) -> Tensor:
     return _GatherRows.apply(yb.reshape(-1, yb.shape[-1]), plan.slot, plan.src, plan.filled) * scale
 
 
-def dispatch_combine(experts: Experts, x: Tensor, r: Routing) -> Tensor:
-    """Index dispatch into a padded [E, C', d] buffer, two batched matmuls, gather back, scale by the gate.
+@dataclass
+class GroupPlan:
+    """Kept tokens sorted by expert (token order within an expert), for the unpadded grouped path."""
 
-    x: [N, d] -> [N, d]; dropped tokens get zeros. Dispatch and combine are row gathers in both directions (see
-    _GatherRows): unused buffer slots read token 0 and dropped tokens read slot 0, but those values are discarded
-    (never gathered back, or scaled by 0), so neither outputs nor gradients see them and no padded copy is made.
-    No [tokens, experts, capacity] tensor exists: memory grows with tokens only.
+    order: Tensor  # [M] token index of each sorted row
+    inverse: Tensor  # [N] sorted row of each token (0 for dropped tokens, whose output is scaled by 0)
+    counts: list[int]  # [E] rows per expert
+    all_rows: Tensor  # [M] bool, all True (every sorted row belongs to a kept token)
+
+
+def plan_groups(r: Routing, num_experts: int) -> GroupPlan | None:
+    kept = r.kept
+    key = torch.where(kept, r.expert_index, torch.full_like(r.expert_index, num_experts))  # dropped sort last
+    m = int(kept.sum())
+    if m == 0:
+        return None
+    order = torch.sort(key, stable=True).indices[:m]  # [M]
+    inverse = torch.zeros_like(r.expert_index)
+    inverse[order] = torch.arange(m, device=order.device)
+    counts = torch.bincount(key[order], minlength=num_experts).tolist()
+    return GroupPlan(order, inverse, counts, torch.ones(m, dtype=torch.bool, device=order.device))
+
+
+def dispatch_combine(experts: Experts, x: Tensor, r: Routing, grouped: bool | None = None) -> Tensor:
+    """Run each kept token through its expert, scale by its gate; dropped tokens get zeros. x [N, d] -> [N, d].
+
+    grouped: tokens sorted by expert, one matmul pair per expert on its exact slice, no padding.
+    padded: a [E, C', d] buffer with C' = the largest kept count and two batched matmuls (one kernel each, at the
+    price of computing C' - count_e padding rows per expert).
+    Default (grouped=None): grouped on CPU while experts get >= GROUPED_MIN_TOKENS tokens on average (few large
+    matmuls beat the padding), padded otherwise and on CUDA (many small per-expert calls cost more than padding;
+    measured in benchmarks/bench_moe.py, see the README's Performance section).
+    Either way dispatch and combine are row gathers in both directions (_GatherRows) and no [tokens, experts,
+    capacity] tensor exists: memory grows with tokens only.
     """
+    if grouped is None:
+        grouped = x.device.type == "cpu" and x.shape[0] >= GROUPED_MIN_TOKENS * experts.num_experts
+    if grouped:
+        gp = plan_groups(r, experts.num_experts)
+        if gp is None:
+            return x.new_zeros(x.shape)
+        xs = _GatherRows.apply(x, gp.order, gp.inverse, r.kept)  # [M, d]
+        ys = experts.forward_grouped(xs, gp.counts)  # [M, d]
+        scale = (r.gate * r.kept).to(ys.dtype).unsqueeze(1)  # [N, 1]
+        return _GatherRows.apply(ys, gp.inverse, gp.order, gp.all_rows) * scale
     plan = plan_dispatch(r, experts.num_experts)
     if plan is None:
         return x.new_zeros(x.shape)

@@ -79,12 +79,13 @@ def test_single_expert_equals_dense_ffn():
     assert layer.telemetry.dropped_fraction == 0.0
 
 
+@pytest.mark.parametrize("grouped", [True, False])
 @pytest.mark.parametrize("e", [2, 8, 32])
-def test_fast_dispatch_equals_reference_forward_and_backward(e):
+def test_fast_dispatch_equals_reference_forward_and_backward(e, grouped):
     layer = _layer(e).train()
     x = torch.randn(200, 16, requires_grad=True)
     logits, r = layer.route(x)
-    y_fast = dispatch_combine(layer.experts, x, r)
+    y_fast = dispatch_combine(layer.experts, x, r, grouped=grouped)
     g = torch.randn_like(y_fast)
     grads_fast = torch.autograd.grad((y_fast * g).sum(), [x, *layer.parameters()], allow_unused=True)
     logits, r = layer.route(x)
