@@ -43,6 +43,20 @@ def _corpus_calibration(ckpt, out, split="val_wiki", max_tokens="2048"):
 
 
 def test_calibrate_then_reduce(moe_ckpt, tmp_path, capsys):
+    cal = tmp_path / "cal.safetensors"
+    argv = ["calibrate", "--checkpoint", str(moe_ckpt), "--task", "boolq", "--max-examples", "8", "--batch-size", "4"]
+    assert main([*argv, "--out", str(cal), "--no-progress"]) == 0
+    assert Calibration.load(cal).manifest["task"] == "boolq"
+    argv = ["reduce", "--checkpoint", str(moe_ckpt), "--calibration", str(cal), "--method", "uncurl"]
+    assert main([*argv, "--experts", "[4, 2]", "--out", str(tmp_path / "red")]) == 0
+    red = checkpoint.load(tmp_path / "red")
+    assert [m.num_experts for m in red.moe_layers()] == [4, 2]
+    report = json.loads((tmp_path / "red.report.json").read_text())
+    assert report["method"] == "uncurl" and report["num_experts"] == [4, 2]
+    assert checkpoint.load_tokenizer(tmp_path / "red").vocab_size == 4096
+
+
+def test_corpus_calibration(moe_ckpt, tmp_path):
     cal = _corpus_calibration(moe_ckpt, tmp_path / "cal.safetensors", "val_news", "4096")
     assert Calibration.load(cal).manifest["tokens"] > 0
 
