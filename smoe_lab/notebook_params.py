@@ -225,9 +225,119 @@ class ResultsNotebook(NotebookParams):
                 _err(nb, name, f"must be an integer >= 1, got {v!r}")
 
 
+@dataclass
+class ReplicationNotebook(NotebookParams):
+    """05_replication: the paper's claims (a)-(e) on a small budget, over several seeds, with mechanical verdicts.
+
+    Pretrains every variant for every seed (like 01), reduces the largest variant with every method to each target
+    and finetunes (like 03, per seed), then writes a report generated from the results store (smoe_lab.replication).
+    Everything lives under out_dir/replication, apart from the report (`report`: "" = out_dir/replication/
+    replication.md; else a path, relative ones against the checkout) and its PNG figures (a folder named as the
+    report, without .md, beside it).
+    """
+
+    NOTEBOOK = "05_replication"
+    backbone: str = "tiny"
+    preset: str = "tiny"
+    model_overrides: dict[str, Any] = field(default_factory=dict)
+    variants: list[int] = field(default_factory=lambda: [1, 8, 32])  # the largest is the base that is reduced
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    tokens: int = 1_200_000
+    batch_size: int = 32
+    micro_batch_size: int = 32
+    lr: float = 2e-3
+    min_lr: float = 2e-4
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    eval_every: int = 50
+    eval_batches: int = 16
+    corpus: str = "tiny"
+    eval_batch_size: int = 32  # pretraining losses: fixed val windows in stream order, batches of this size
+    eval_windows: int = 0  # 0 = every non-overlapping window of the validation split; else that many, spread evenly
+    ablation_capacity_factors: list[float] = field(default_factory=lambda: [1.25, 2.0])
+    ablation_batch_sizes: list[int] = field(default_factory=lambda: [8, 128])
+    tasks: list[str] = field(default_factory=lambda: ["boolq", "cloze-news", "cloze-biomed"])
+    targets: list[int] = field(default_factory=lambda: [16, 8, 4, 2])
+    methods: list[str] = field(default_factory=lambda: ["uncurl", "freq_prune", "freq_merge", "mcsmoe", "hybrid"])
+    router: str = "reinit"
+    calibration_examples: int = 256
+    calibration_batch_size: int = 16
+    max_train_examples: int = 512
+    max_eval_examples: int = 256
+    finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields
+    workers: int = 1
+    se_factor: float = 2.0  # verdict: a mean difference beyond se_factor standard errors decides
+    margin: float = 1.0  # "competitive" (non-inferiority) margin in accuracy points
+    budget_note: str = ""  # how the budget was chosen, quoted in the report
+    report: str = ""
+    progress: bool = False
+    out_dir: str = "runs/quickstart"
+
+    def __post_init__(self) -> None:
+        nb = self.NOTEBOOK
+        self.out_dir = str(resolve_out_dir(self.out_dir))
+        if not isinstance(self.seeds, list) or not self.seeds or len(set(self.seeds)) != len(self.seeds):
+            _err(nb, "seeds", f"must be a non-empty list of distinct seeds, got {self.seeds!r}")
+        for s in self.seeds:
+            if isinstance(s, bool) or not isinstance(s, int) or s < 0:
+                _err(nb, "seeds", f"seeds must be integers >= 0, got {s!r}")
+        self.pretrain_notebook(self.seeds[0])  # validates preset, variants, tokens and the training settings
+        base = max(self.variants)
+        if base < 2:
+            _err(nb, "variants", f"needs an SMoE variant (> 1 expert) to reduce, got {self.variants}")
+        bad = [d for d in self.targets if isinstance(d, int) and not isinstance(d, bool) and d >= base]
+        if bad:
+            _err(nb, "targets", f"must be below the base's {base} experts, got {bad}")
+        self.pruning_notebook(self.seeds[0])  # validates tasks, targets, methods, router, finetune, sizes
+        for v in self.ablation_capacity_factors:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
+                _err(nb, "ablation_capacity_factors", f"capacity factors must be numbers > 0, got {v!r}")
+        for name, values in (
+            ("eval_batch_size", [self.eval_batch_size]),
+            ("ablation_batch_sizes", self.ablation_batch_sizes),
+        ):
+            if any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
+                _err(nb, name, f"batch sizes must be integers >= 1, got {values!r}")
+        if isinstance(self.eval_windows, bool) or not isinstance(self.eval_windows, int) or self.eval_windows < 0:
+            _err(nb, "eval_windows", f"must be an integer >= 0 (0 = every window), got {self.eval_windows!r}")
+        for name in ("se_factor", "margin"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:
+                _err(nb, name, f"must be a number >= 0, got {v!r}")
+        if not isinstance(self.budget_note, str) or not isinstance(self.report, str):
+            _err(nb, "report", "report and budget_note must be strings")
+
+    @property
+    def study_dir(self) -> str:
+        """Where the study's models, calibrations, finetunes and results store live (apart from 01-04's)."""
+        return str(Path(self.out_dir) / "replication")
+
+    def pretrain_notebook(self, seed: int) -> PretrainNotebook:
+        """Notebook 01's settings for one seed of this study (same tokens for every variant of that seed)."""
+        names = ["preset", "model_overrides", "variants", "tokens", "batch_size", "micro_batch_size", "lr"]
+        names += ["min_lr", "warmup_steps", "weight_decay", "eval_every", "eval_batches", "corpus", "progress"]
+        return PretrainNotebook(**{n: getattr(self, n) for n in names}, seed=seed, out_dir=self.study_dir)
+
+    def pruning_notebook(self, seed: int) -> PruningNotebook:
+        """Notebook 03's settings for one seed: the largest variant reduced, every other variant a reference."""
+        base = max(self.variants)
+        refs = [("dense" if v == 1 else f"{v}e") for v in sorted(self.variants) if v != base]
+        names = ["backbone", "tasks", "corpus", "targets", "methods", "router", "calibration_examples"]
+        names += ["max_train_examples", "max_eval_examples", "finetune", "workers", "progress"]
+        return PruningNotebook(
+            **{n: getattr(self, n) for n in names},
+            base_variant=f"{base}e",
+            reference_variants=refs,
+            seed=seed,
+            batch_size=self.calibration_batch_size,
+            out_dir=self.study_dir,
+        )
+
+
 NOTEBOOK_PARAMS: dict[str, type[NotebookParams]] = {
     ResultsNotebook.NOTEBOOK: ResultsNotebook,
     PruningNotebook.NOTEBOOK: PruningNotebook,
     PretrainNotebook.NOTEBOOK: PretrainNotebook,
     ClustersNotebook.NOTEBOOK: ClustersNotebook,
+    ReplicationNotebook.NOTEBOOK: ReplicationNotebook,
 }
