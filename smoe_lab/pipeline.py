@@ -1,9 +1,10 @@
-"""The notebook pipeline: 01 -> 04 executed with papermill into runs/<name>/.
+"""The notebook pipeline: notebooks executed in order with papermill into runs/<name>/.
 
-`run_pipeline("quickstart")` reads params/<notebook>/quick.yaml for each notebook (the alias table maps
-quickstart -> quick), validates every parameter set before anything runs, executes each notebook into the
-run folder, and skips notebooks whose parameters and source are unchanged since their last successful run
-(once one notebook re-executes, every later one does too, since it reads its outputs).
+`run_pipeline("quickstart")` reads params/<notebook>/quick.yaml for notebooks 01-04 (the workbench tour; the
+replication study 05 runs on its own), `run_pipeline("ci")` params/<notebook>/ci.yaml for every notebook. It
+validates every parameter set before anything runs, executes each notebook into the run folder, and skips
+notebooks whose parameters and source are unchanged since their last successful run (once one notebook
+re-executes, every later one does too, since it reads its outputs).
 """
 
 from __future__ import annotations
@@ -20,7 +21,9 @@ from .config import load_yaml
 from .notebook_params import NOTEBOOK_PARAMS
 
 NOTEBOOK_ORDER = ["01_pretrain", "02_clusters", "03_pruning", "04_results", "05_replication"]
-ALIASES = {"quickstart": "quick"}
+# Named pipelines that are not a parameter level of their own: name -> (parameter level, notebooks).
+# The quickstart is the workbench tour (01 -> 04 with quick parameters); the replication study (05) runs on its own.
+ALIASES = {"quickstart": ("quick", NOTEBOOK_ORDER[:4])}
 
 
 def pipeline_plan(name: str | None, params_file: str | None) -> tuple[str, dict[str, dict[str, Any]]]:
@@ -37,11 +40,14 @@ def pipeline_plan(name: str | None, params_file: str | None) -> tuple[str, dict[
         if bad:
             raise ValueError(f"pipeline file {params_file}: unknown notebook(s) {bad}; known: {NOTEBOOK_ORDER}")
     elif name:
-        run_name, base, overrides = name, ALIASES.get(name, name), {}
+        run_name, overrides = name, {}
+        base, selected = ALIASES.get(name, (name, NOTEBOOK_ORDER))
     else:
         raise ValueError("smoe-lab run needs a pipeline name (quickstart, ci, quick, paper) or --params FILE")
+    if params_file:
+        selected = NOTEBOOK_ORDER
     plan: dict[str, dict[str, Any]] = {}
-    for nb in NOTEBOOK_ORDER:
+    for nb in selected:
         params: dict[str, Any] = {}
         if base:
             f = paths.params_dir() / nb / f"{base}.yaml"

@@ -64,9 +64,11 @@ def test_bad_parameter_fails_before_anything_runs(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
-def test_quickstart_alias_plans_every_notebook():
+def test_quickstart_alias_plans_the_tour_and_levels_plan_everything():
     name, plan = pipeline_plan("quickstart", None)
-    assert name == "quickstart" and list(plan)[0] == "01_pretrain" and set(plan) == set(NOTEBOOK_PARAMS)
+    assert name == "quickstart" and list(plan) == ["01_pretrain", "02_clusters", "03_pruning", "04_results"]
+    assert set(pipeline_plan("quick", None)[1]) == set(NOTEBOOK_PARAMS)
+    assert set(pipeline_plan("ci", None)[1]) == set(NOTEBOOK_PARAMS)
 
 
 def test_ci_pipeline_end_to_end(tmp_path):
