@@ -106,18 +106,24 @@ def _torch_threads(n: int) -> Iterator[None]:
 
 
 def align_experts(experts: Sequence[ExpertWeights], reference: ExpertWeights, workers: int = 1) -> list[torch.Tensor]:
-    """`align_expert(e, reference)` for each expert, in order; `workers` > 1 aligns experts on a thread pool.
+    """`align_expert(e, reference)` for each expert, in order; `workers` > 1 aligns experts on a thread pool."""
+    return align_pairs([(e, reference) for e in experts], workers=workers)
 
-    Threads suffice because torch matmuls and scipy's assignment solver both release the GIL. So that `workers`
-    concurrent matmuls do not oversubscribe the cores, torch's process-wide thread count is lowered to
-    max(1, threads // workers) for the duration of the call and restored afterwards. Measured on 2 shared cores,
-    workers=2 vs 1: 1.9x at d_ff=1024 (8 experts), 1.3-1.4x at d_ff=4096 (4 experts); without the thread cap threads
-    were slower than serial, and a spawn-process pool gained nothing at 4096 and lost at 1024 (start-up, pickling).
+
+def align_pairs(pairs: Sequence[tuple[ExpertWeights, ExpertWeights]], workers: int = 1) -> list[torch.Tensor]:
+    """`align_expert(expert, reference)` for each (expert, reference) pair, in order, on `workers` threads.
+
+    One pool over every pair of a layer (all clusters at once) keeps the workers busy even when each cluster holds
+    only two or three experts. Threads suffice because torch matmuls and scipy's assignment solver both release the
+    GIL. So that `workers` concurrent matmuls do not oversubscribe the cores, torch's process-wide thread count is
+    lowered to max(1, threads // workers) for the duration of the call and restored afterwards. Measured on 2 shared
+    cores, workers=2 vs 1: 1.9x at d_ff=1024 (8 experts), 1.3-1.4x at d_ff=4096 (4 experts); without the thread cap
+    threads were slower than serial, and a spawn-process pool gained nothing at 4096 and lost at 1024.
     """
     if workers < 1:
         raise ValueError(f"workers must be >= 1, got {workers}")
-    if workers == 1 or len(experts) < 2:
-        return [align_expert(e, reference) for e in experts]
-    workers = min(workers, len(experts))
+    if workers == 1 or len(pairs) < 2:
+        return [align_expert(e, ref) for e, ref in pairs]
+    workers = min(workers, len(pairs))
     with _torch_threads(max(1, torch.get_num_threads() // workers)), ThreadPoolExecutor(workers) as pool:
-        return list(pool.map(lambda e: align_expert(e, reference), experts))
+        return list(pool.map(lambda pair: align_expert(*pair), pairs))

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 from ..calibrate import Calibration, calibrate, check_compatible
-from .align import ExpertWeights, align_experts, permute_expert
+from .align import ExpertWeights, align_pairs, permute_expert
 from .merge import merge_experts, normalize_weights, stack_experts, unstack_experts
 from .similarity import similarity_from_gram
 from .spectral import cluster_silhouette, eigengap, kmeans_labels, spectral_embedding
@@ -221,22 +221,24 @@ def layer_experts(layer) -> list[ExpertWeights]:
 def merge_groups(
     experts: list[ExpertWeights], freq: np.ndarray, plan: LayerPlan, workers: int
 ) -> tuple[list[ExpertWeights], float, float]:
-    """New experts of a layer per its plan -> (experts [D], align seconds, merge seconds)."""
-    out, t_align, t_merge = [], 0.0, 0.0
-    for d, centre in enumerate(plan.centres):
-        members = [int(m) for m in np.flatnonzero(plan.labels == d)]
+    """New experts of a layer per its plan -> (experts [D], align seconds, merge seconds).
+
+    Every non-centre member of every group is aligned to its group's centre in one parallel batch (align_pairs),
+    then each group is frequency-averaged; a group of one (or a pruning plan) keeps its centre as is.
+    """
+    groups = [[int(m) for m in np.flatnonzero(plan.labels == d)] for d in range(len(plan.centres))]
+    jobs = [(m, c) for members, c in zip(groups, plan.centres) if plan.merge for m in members if m != c]
+    t0 = time.perf_counter()
+    perms = align_pairs([(experts[m], experts[c]) for m, c in jobs], workers=workers)
+    t1 = time.perf_counter()
+    aligned = {m: permute_expert(experts[m], p) for (m, _), p in zip(jobs, perms)}
+    out = []
+    for members, centre in zip(groups, plan.centres):
         if not plan.merge or len(members) == 1:
             out.append(ExpertWeights(*(t.clone() for t in experts[centre])))
-            continue
-        others = [m for m in members if m != centre]
-        t0 = time.perf_counter()
-        perms = align_experts([experts[m] for m in others], experts[centre], workers=workers)
-        t1 = time.perf_counter()
-        aligned = {centre: experts[centre], **{m: permute_expert(experts[m], p) for m, p in zip(others, perms)}}
-        out.append(merge_experts([aligned[m] for m in members], freq[members]))
-        t_merge += time.perf_counter() - t1
-        t_align += t1 - t0
-    return out, t_align, t_merge
+        else:
+            out.append(merge_experts([aligned.get(m, experts[m]) for m in members], freq[members]))
+    return out, t1 - t0, time.perf_counter() - t1
 
 
 def _new_router(old_w: torch.Tensor, freq: np.ndarray, plan: LayerPlan, option: str, seed: int) -> torch.Tensor:
