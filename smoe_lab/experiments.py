@@ -310,6 +310,43 @@ def finetune_and_record(
     return row
 
 
+def stage1_checkpoint(
+    ckpt: Path, cfg, out_dir: Path, corpus: str | None, max_examples: int, backbone: str, progress: bool
+) -> Path:
+    """Stage 1 of the paper's finetuning (instruction mix + pretraining windows at cfg.mix_ratio), once per model.
+
+    Runs before the task finetune; for a reduced model it is the first training after reduction, so the router-only
+    warm-up happens here. Returns the stage-1 checkpoint (skipped when done with the same settings).
+    """
+    from .finetune import INSTRUCTIONS, finetune, task_data
+    from .results import checkpoint_identity, config_hash
+    from .train import resolve_corpus
+
+    name = ckpt.parent.name if ckpt.name == "checkpoint" else ckpt.name
+    run_dir = out_dir / "stage1" / name
+    key = config_hash({"ckpt": checkpoint.checkpoint_hash(ckpt), "cfg": cfg.to_dict(), "n": max_examples})
+    if _done(run_dir / "result.json", key) and (run_dir / "checkpoint" / "config.json").is_file():
+        return run_dir / "checkpoint"
+    model_cfg, meta = checkpoint.read_config(ckpt)
+    train, val = task_data(INSTRUCTIONS, corpus, None, "auto", max_examples, max(1, max_examples // 4), cfg.seed)
+    tokens = resolve_corpus(corpus).split("train") if cfg.mix_ratio > 0 else None
+    ident = checkpoint_identity(model_cfg, meta, backbone)
+    res = finetune(
+        checkpoint.load(ckpt),
+        checkpoint.load_tokenizer(ckpt),
+        train,
+        val,
+        cfg,
+        run_dir,
+        tokens,
+        progress=progress,
+        meta={**ident, "stage": "stage1", "parent": str(ckpt), "corpus": corpus},
+    )
+    doc = {"key": key, "accuracy": res.final_accuracy, "steps": res.steps, "seconds": res.seconds}
+    checkpoint.atomic_write_text(run_dir / "result.json", json.dumps(doc))
+    return run_dir / "checkpoint"
+
+
 def pruning_study(p) -> pd.DataFrame:
     """Every reference model and every (method, D) reduction of the base model, finetuned and evaluated per task.
 
@@ -327,11 +364,20 @@ def pruning_study(p) -> pd.DataFrame:
         for v in p.reference_variants
         if (pretrain_dir(out, v, p.seed) / "checkpoint" / "config.json").is_file()
     ]
+    cfg1 = FinetuneConfig.from_dict({**p.stage1, "stage": "stage1", "seed": p.seed}) if p.stage1 else None
+    if cfg1 is not None:  # the router warm-up of reduced models happens in stage 1, their first training
+        cfg = cfg.replace(router_warmup_steps=0)
+
+    def staged(ckpt: Path) -> Path:
+        if cfg1 is None:
+            return ckpt
+        return stage1_checkpoint(ckpt, cfg1, out, p.corpus, p.max_train_examples, p.backbone, p.progress)
+
     rows = []
     for task in p.tasks:
         train, val = task_data(task, p.corpus, None, "auto", p.max_train_examples, p.max_eval_examples, p.seed)
         for ref in refs:
-            rows.append(finetune_and_record(ref, task, train, val, cfg, out, store, p.backbone, p.progress))
+            rows.append(finetune_and_record(staged(ref), task, train, val, cfg, out, store, p.backbone, p.progress))
         cal, cal_path = calibration_artifact(
             base,
             task,
@@ -346,7 +392,10 @@ def pruning_study(p) -> pd.DataFrame:
             for d in p.targets:
                 ckpt, rep = reduced_checkpoint(base, cal, cal_path, method, d, out, p.router, p.seed, p.workers)
                 extra = {"reduce_seconds": rep["seconds"]["total"], "experts_per_layer": rep["num_experts"]}
-                rows.append(finetune_and_record(ckpt, task, train, val, cfg, out, store, p.backbone, p.progress, extra))
+                row = finetune_and_record(
+                    staged(ckpt), task, train, val, cfg, out, store, p.backbone, p.progress, extra
+                )
+                rows.append(row)
     return pd.DataFrame(rows)
 
 

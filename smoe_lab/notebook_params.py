@@ -170,7 +170,8 @@ class PruningNotebook(NotebookParams):
     batch_size: int = 16
     max_train_examples: int = 512
     max_eval_examples: int = 256
-    finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields
+    finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields of the task finetune (stage 2)
+    stage1: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields of stage 1 ({} = no stage 1)
     workers: int = 1
     progress: bool = False
     out_dir: str = "runs/quickstart"
@@ -200,6 +201,11 @@ class PruningNotebook(NotebookParams):
             FinetuneConfig.from_dict({**self.finetune, "seed": self.seed})
         except ValueError as e:
             _err(nb, "finetune", str(e))
+        if self.stage1:
+            try:
+                FinetuneConfig.from_dict({**self.stage1, "stage": "stage1", "seed": self.seed})
+            except ValueError as e:
+                _err(nb, "stage1", str(e))
 
 
 @dataclass
