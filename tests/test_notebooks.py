@@ -78,6 +78,9 @@ def test_ci_pipeline_end_to_end(tmp_path):
         assert (out / f"{nb}.ipynb").is_file()
     assert (out / "figures" / "fig6_train_loss.png").stat().st_size > 10_000
     assert (out / "figures" / "fig6_train_loss.html").is_file()
+    # 03 ran the paper's stage 1 (instruction mix) before each task finetune, with the ci parameters
+    assert all((d / "checkpoint" / "config.json").is_file() for d in (out / "stage1").iterdir())
+    assert len(list((out / "stage1").iterdir())) == 4  # base 4e, dense, and the two reductions
     table = (out / "tables" / "pretrain.csv").read_text().splitlines()
     assert table[0].startswith("model,params,active_params") and len(table) == 3
     # a second run skips every notebook: outputs are up to date
