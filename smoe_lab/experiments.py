@@ -427,6 +427,11 @@ def pretrained_variants(out_dir: str | Path, seed: int = 0) -> list[str]:
     return sorted(found, key=lambda v: 1 if v == "dense" else int(v.rstrip("e")))
 
 
+def pretrain_runs(out_dir: str | Path, seed: int = 0) -> pd.DataFrame:
+    """One summary row (summarize_run) per finished notebook-01 variant under out_dir."""
+    return pd.DataFrame([summarize_run(pretrain_dir(out_dir, v, seed)) for v in pretrained_variants(out_dir, seed)])
+
+
 def inference_profile(
     out_dir: str | Path,
     variants: list[str],
