@@ -262,6 +262,7 @@ class ReplicationNotebook(NotebookParams):
     eval_windows: int = 0  # 0 = every non-overlapping window of the validation split; else that many, spread evenly
     ablation_capacity_factors: list[float] = field(default_factory=lambda: [1.25, 2.0])
     ablation_batch_sizes: list[int] = field(default_factory=lambda: [8, 128])
+    ablation_tokens: list[int] = field(default_factory=list)  # budget ablation: dense + base, first 2 seeds
     tasks: list[str] = field(default_factory=lambda: ["boolq", "cloze-news", "cloze-biomed"])
     targets: list[int] = field(default_factory=lambda: [16, 8, 4, 2])
     methods: list[str] = field(default_factory=lambda: ["uncurl", "freq_prune", "freq_merge", "mcsmoe", "hybrid"])
@@ -306,6 +307,8 @@ class ReplicationNotebook(NotebookParams):
                 _err(nb, name, f"batch sizes must be integers >= 1, got {values!r}")
         if isinstance(self.eval_windows, bool) or not isinstance(self.eval_windows, int) or self.eval_windows < 0:
             _err(nb, "eval_windows", f"must be an integer >= 0 (0 = every window), got {self.eval_windows!r}")
+        if any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in self.ablation_tokens):
+            _err(nb, "ablation_tokens", f"token budgets must be integers >= 1, got {self.ablation_tokens!r}")
         for name in ("se_factor", "margin"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:

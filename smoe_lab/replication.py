@@ -24,6 +24,7 @@ inconclusive otherwise. With n = 3 seeds "2 SE" is a screening rule, not a 95% t
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import time
@@ -264,6 +265,88 @@ def pretraining_losses(p) -> pd.DataFrame:
     _record_wall(store, p, "wall:pretrain_eval", time.perf_counter() - t0)
     df = pretrain_frame(store.rows(task=PRETRAIN_TASK, stage="pretrain"))
     return df[df["metric"].str.startswith("val_loss:")].reset_index(drop=True)
+
+
+def budget_ablation(p) -> pd.DataFrame:
+    """Training-budget ablation for claim (a): dense and the base variant pretrained with each of
+    p.ablation_tokens (same recipe otherwise) for the first two seeds, measured with the paper's protocol and without
+    drops. Rows: stage "budget", metric "val_loss:<protocol>@<tokens>" (extra {"tokens"}). Returns them."""
+    store, t0 = load_store(p), time.perf_counter()
+    done = set(store.rows(task=PRETRAIN_TASK, stage="budget")["config_hash"].dropna())
+    variants = sorted({1, max(p.variants)})
+    val = None
+    for tokens in p.ablation_tokens:
+        for seed in p.seeds[:2]:
+            out = str(Path(p.study_dir) / "budget" / f"tokens{tokens}")
+            pn = dataclasses.replace(p.pretrain_notebook(seed), tokens=tokens, variants=variants, out_dir=out)
+            experiments.pretrain_variants(pn)
+            for e in variants:
+                ckpt = experiments.pretrain_dir(pn.out_dir, label(e), seed) / "checkpoint"
+                h = checkpoint.checkpoint_hash(ckpt)
+                model = None
+                for proto in protocols(p)[:2]:
+                    key = config_hash({"ckpt": h, "protocol": proto.__dict__, "windows": p.eval_windows})
+                    if key in done:
+                        continue
+                    if val is None:
+                        from .train import resolve_corpus
+
+                        val = resolve_corpus(p.corpus).split("val")
+                    model = model or checkpoint.load(ckpt)
+                    starts = eval_windows(len(val), model.config.block_size, p.eval_windows)
+                    r = lm_loss(model, val, starts, proto)
+                    store.append(
+                        base_model=p.backbone,
+                        method="none",
+                        z=e,
+                        d=e,
+                        task=PRETRAIN_TASK,
+                        stage="budget",
+                        seed=seed,
+                        metric=f"val_loss:{proto.name}@{tokens}",
+                        value=r["loss"],
+                        config_hash=key,
+                        extra={**proto.__dict__, "tokens": tokens, "drop_frac": r["drop_frac"]},
+                    )
+                    done.add(key)
+    _record_wall(store, p, "wall:budget_ablation", time.perf_counter() - t0)
+    return store.rows(task=PRETRAIN_TASK, stage="budget")
+
+
+def budget_table(df: pd.DataFrame, p) -> pd.DataFrame:
+    """(base - dense) validation loss per training budget: the main run's budget (every seed) and each ablation
+    budget (its seeds), for the paper's protocol and without drops; plus the paired change from the main budget."""
+    base = max(p.variants)
+    pre = pretrain_frame(df)
+    bud = _latest(df[(df["task"] == PRETRAIN_TASK) & (df["stage"] == "budget")])
+    rows = []
+    for proto in protocols(p)[:2]:
+        main = pre[pre["metric"] == f"val_loss:{proto.name}"].pivot_table(index="seed", columns="d", values="value")
+        if 1 not in main.columns or base not in main.columns:
+            continue
+        gap_main = (main[base] - main[1]).dropna()
+        budgets = [(p.tokens, gap_main)]
+        for tokens in sorted(p.ablation_tokens):
+            m = bud[bud["metric"] == f"val_loss:{proto.name}@{tokens}"]
+            m = m.pivot_table(index="seed", columns="d", values="value")
+            if 1 in m.columns and base in m.columns:
+                budgets.append((tokens, (m[base] - m[1]).dropna()))
+        for tokens, gap in budgets:
+            v, _ = verdict(-gap.values, p.se_factor)
+            est = Estimate.of(gap.values)
+            change = gap - gap_main.reindex(gap.index)
+            ch = Estimate.of(change.dropna().values) if tokens != p.tokens else None
+            rows.append(
+                {
+                    "protocol": proto.name,
+                    "tokens per model": tokens,
+                    "seeds": ",".join(str(s) for s in gap.index),
+                    f"{label(base)} - dense (nats)": est.text(3),
+                    f"change vs {p.tokens:,} tokens, same seeds": ch.text(3) if ch else "",
+                    "MoE lower (verdict)": v,
+                }
+            )
+    return pd.DataFrame(rows)
 
 
 # -- stage 2: reduce, finetune, evaluate ---------------------------------------------------------------------------
@@ -1080,7 +1163,22 @@ def render_report(df: pd.DataFrame, p, fig_dir: Path | None = None, fig_rel: str
             "mean over seeds): " + "; ".join(trend) + ".\n"
         )
         L.append(fig("ablation_budget", lambda: figure_budget(bud)))
-    L.append(_diagnose_a(gaps, bud, p))
+    bt = budget_table(df, p) if p.ablation_tokens else None
+    if bt is not None:
+        L.append(
+            f"Training budget, retrained: dense and {label(base)} pretrained again with "
+            f"{', '.join(f'{t:,}' for t in p.ablation_tokens)} tokens (same recipe and schedule shape: warmup, "
+            f"linear decay to min_lr at the end; seeds {p.seeds[:2]}), against the main run's {p.tokens:,} "
+            "tokens."
+            + (
+                " The `tiny` corpus holds ~0.96M training tokens, so a larger budget is also more epochs."
+                if p.corpus == "tiny"
+                else ""
+            )
+            + "\n"
+        )
+        L.append(_md(bt) + "\n")
+    L.append(_diagnose_a(gaps, bud, p, bt))
     L.append("**What would settle it.** " + ca.settle + "\n")
     L.append("\n".join(_settle_line(x, k) for x in ca.parts) + "\n")
     # -- task claims
@@ -1137,7 +1235,7 @@ def render_report(df: pd.DataFrame, p, fig_dir: Path | None = None, fig_rel: str
     return "\n".join(x for x in L if x)
 
 
-def _diagnose_a(gaps: pd.DataFrame, bud: pd.DataFrame, p) -> str:
+def _diagnose_a(gaps: pd.DataFrame, bud: pd.DataFrame, p, bt: pd.DataFrame | None = None) -> str:
     """Plain-language reading of the two (a) ablations, derived from the numbers."""
     if gaps.empty:
         return ""
@@ -1154,22 +1252,36 @@ def _diagnose_a(gaps: pd.DataFrame, bud: pd.DataFrame, p) -> str:
             f"{lo:+.3f} .. {hi:+.3f})"
         )
     s = "Reading: " + "; ".join(out) + ". "
+    per_expert = ", ".join(f"{label(e)} ~{p.tokens // e:,}" for e in sorted(p.variants) if e > 1)
+    s += (
+        f"Each expert of an E-expert layer is trained on about 1/E of the {p.tokens:,} tokens ({per_expert} tokens "
+        "per expert, before drops), while the dense FFN sees all of them. "
+    )
     if not bud.empty:
-        first, last = bud["tokens"].min(), bud["tokens"].max()
+        last = bud["tokens"].max()
+        half = bud[bud["tokens"] >= last / 2]["tokens"].min()
         moves = {
-            m: g[g["tokens"] == last]["gap"].iloc[0] - g[g["tokens"] == first]["gap"].iloc[0]
+            m: (g[g["tokens"] == half]["gap"].iloc[0], g[g["tokens"] == last]["gap"].iloc[0], g["gap"].max())
             for m, g in bud.groupby("model", sort=False)
         }
-        change = ", ".join(f"{m} {v:+.3f}" for m, v in moves.items())
-        if all(v < 0 for v in moves.values()):
+        change = ", ".join(f"{m} {a:+.3f} -> {b:+.3f} (peak {c:+.3f})" for m, (a, b, c) in moves.items())
+        if all(b < a for a, b, _ in moves.values()):
             s += (
-                f"From the first to the last periodic evaluation the MoE - dense gap moved towards the MoE ({change} "
-                "nats), so a longer training budget is the first thing to try. "
+                f"Over the second half of training ({half:,} -> {last:,} tokens) the MoE - dense gap shrank for every "
+                f"variant ({change} nats), so the training budget is a likely cause. "
             )
         else:
             s += (
-                "From the first to the last periodic evaluation the MoE - dense gap did not move towards the MoE for "
-                f"every variant ({change} nats), so a longer budget alone is not clearly the fix at this size. "
+                f"Over the second half of training ({half:,} -> {last:,} tokens) the MoE - dense gap did not shrink "
+                f"for every variant ({change} nats), so a longer budget alone is not clearly the fix at this size. "
+            )
+    if bt is not None and len(bt):
+        primary = bt[(bt["protocol"] == protocols(p)[0].name) & (bt["tokens per model"] != p.tokens)]
+        for r in primary.itertuples(index=False):
+            gap, change = r[3], r[4]
+            s += (
+                f"Retrained with {r[1]:,} tokens (seeds {r[2]}): {label(max(p.variants))} - dense = {gap} nats, a "
+                f"change of {change} nats against the same seeds at {p.tokens:,} tokens; 'MoE lower' is {r[5]}. "
             )
     return s + "\n"
 

@@ -145,6 +145,11 @@ def _fill_store(store: ResultsStore, p, uncurl_acc=0.66, skip=()):
                 rows.append({**ident, "stage": "pretrain", "metric": f"drop_frac:{proto.name}", "value": drop})
             for m, v in (("params", 1e6 * e), ("active_params", 1e6), ("tokens_per_s", 12000.0)):
                 rows.append({**ident, "stage": "pretrain", "metric": m, "value": v})
+            for t in p.ablation_tokens if s < 2 else []:  # the retrained budgets: 32e - dense -0.15 (drops), -0.2
+                for proto in R.protocols(p)[:2]:
+                    v = loss - 0.1 + (0.05 * (e > 1) if proto.drop_tokens else 0.0) + 0.01 * s
+                    budget = {**ident, "stage": "budget", "metric": f"val_loss:{proto.name}@{t}", "value": v}
+                    rows.append({**budget, "extra": {"tokens": t}})
             for step, tokens in ((50, 200000), (100, 400000)):
                 v = loss + (0.1 if step == 50 and e > 1 else 0.0)
                 curve = {**ident, "stage": "curve", "metric": "val_loss", "value": v}
@@ -169,7 +174,7 @@ def _fill_store(store: ResultsStore, p, uncurl_acc=0.66, skip=()):
 
 
 def test_claims_and_report_from_a_hand_made_store(tmp_path):
-    p = _params(tmp_path, budget_note="Chosen by measurement.")
+    p = _params(tmp_path, budget_note="Chosen by measurement.", ablation_tokens=[2_400_000])
     store = R.load_store(p)
     _fill_store(store, p)
     claims = {c.key: c for c in R.evaluate_claims(store.rows(), p)}
@@ -184,6 +189,12 @@ def test_claims_and_report_from_a_hand_made_store(tmp_path):
     assert claims["d"].parts[0].verdict == R.SUPPORTED  # 32e -> 8e (4x) keeps it: 66 vs 55
     assert claims["e"].verdict == R.INCONCLUSIVE  # hybrid = uncurl + (3, -3, 1) points by seed
 
+    bt = R.budget_table(store.rows(), p).set_index(["protocol", "tokens per model"])
+    assert bt.loc[("cf1/b32", 1_200_000), "seeds"] == "0,1,2" and bt.loc[("cf1/b32", 2_400_000), "seeds"] == "0,1"
+    assert bt.loc[("cf1/b32", 2_400_000), "32e - dense (nats)"].startswith("-0.150")
+    assert bt.loc[("nodrop/b32", 2_400_000), "32e - dense (nats)"].startswith("-0.200")
+    assert bt.loc[("nodrop/b32", 2_400_000), "MoE lower (verdict)"] == R.SUPPORTED
+
     out = R.write_report(p)
     text = (tmp_path / "replication" / "replication.md").read_text()
     assert out["verdicts"] == {k: c.verdict for k, c in claims.items()}
@@ -193,6 +204,7 @@ def test_claims_and_report_from_a_hand_made_store(tmp_path):
     assert "Chosen by measurement." in text and "| total" in text
     assert "tiny+(32e->8e)" in text and "(+)" in text  # the paper's layout with marks
     assert "Verdict rule (mechanical)" in text
+    assert "Retrained with 2,400,000 tokens (seeds 0,1)" in text
     pngs = {x.rsplit("/", 1)[-1] for x in out["figures"]}
     assert {"claims_forest.png", "pretrain_val_loss.png", "accuracy_boolq.png", "ablation_budget.png"} <= pngs
     assert all((tmp_path / "replication" / "replication" / f).stat().st_size > 5000 for f in pngs)
