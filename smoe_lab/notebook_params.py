@@ -263,6 +263,7 @@ class ReplicationNotebook(NotebookParams):
     ablation_capacity_factors: list[float] = field(default_factory=lambda: [1.25, 2.0])
     ablation_batch_sizes: list[int] = field(default_factory=lambda: [8, 128])
     ablation_tokens: list[int] = field(default_factory=list)  # budget ablation: dense + base, first 2 seeds
+    zero_shot_tasks: list[str] = field(default_factory=list)  # task-claim ablation: no finetuning (subset of tasks)
     tasks: list[str] = field(default_factory=lambda: ["boolq", "cloze-news", "cloze-biomed"])
     targets: list[int] = field(default_factory=lambda: [16, 8, 4, 2])
     methods: list[str] = field(default_factory=lambda: ["uncurl", "freq_prune", "freq_merge", "mcsmoe", "hybrid"])
@@ -309,6 +310,8 @@ class ReplicationNotebook(NotebookParams):
             _err(nb, "eval_windows", f"must be an integer >= 0 (0 = every window), got {self.eval_windows!r}")
         if any(isinstance(t, bool) or not isinstance(t, int) or t < 1 for t in self.ablation_tokens):
             _err(nb, "ablation_tokens", f"token budgets must be integers >= 1, got {self.ablation_tokens!r}")
+        if not isinstance(self.zero_shot_tasks, list) or not set(self.zero_shot_tasks) <= set(self.tasks):
+            _err(nb, "zero_shot_tasks", f"must be a list of tasks from `tasks`, got {self.zero_shot_tasks!r}")
         for name in ("se_factor", "margin"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, (int, float)) or v < 0:

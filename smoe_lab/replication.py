@@ -349,6 +349,60 @@ def budget_table(df: pd.DataFrame, p) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def zero_shot_ablation(p) -> pd.DataFrame:
+    """Ablation for the task claims: every pretrained variant and every (method, D) reduction of the base evaluated
+    on each task of p.zero_shot_tasks WITHOUT finetuning or router warm-up. The reductions use router "merge" (the
+    frequency-weighted average of each group's router rows; a pruned layer keeps its kept rows), so no weight is
+    trained after reduction: this isolates what each method preserves from what finetuning repairs. Same
+    calibration artifacts as the task study. Rows: stage "zeroshot", metrics "accuracy" and "val_loss"."""
+    from .evaluate import evaluate_task
+    from .finetune import task_data
+    from .results import checkpoint_identity
+
+    store, t0, out = load_store(p), time.perf_counter(), Path(p.study_dir)
+    done = set(store.rows(stage="zeroshot")["config_hash"].dropna())
+    base = max(p.variants)
+    for seed in p.seeds:
+        base_ckpt = experiments.pretrain_dir(out, label(base), seed) / "checkpoint"
+        for task in p.zero_shot_tasks:
+            _, val = task_data(task, p.corpus, None, "auto", p.max_train_examples, p.max_eval_examples, seed)
+            cal, cal_path = experiments.calibration_artifact(
+                base_ckpt,
+                task,
+                "train",
+                out,
+                max_examples=p.calibration_examples,
+                batch_size=p.calibration_batch_size,
+                corpus=p.corpus,
+                seed=seed,
+            )
+            jobs = [(None, None, e) for e in sorted(p.variants)] + [(m, d, None) for m in p.methods for d in p.targets]
+            for method, d, e in jobs:
+                if e is not None:
+                    ckpt = experiments.pretrain_dir(out, label(e), seed) / "checkpoint"
+                else:
+                    ckpt, _ = experiments.reduced_checkpoint(
+                        base_ckpt, cal, cal_path, method, d, out, "merge", seed, p.workers
+                    )
+                key = config_hash({"ckpt": checkpoint.checkpoint_hash(ckpt), "task": task, "n": len(val), "zs": 1})
+                if key in done:
+                    continue
+                model, tok = checkpoint.load(ckpt), checkpoint.load_tokenizer(ckpt)
+                r = evaluate_task(model, tok, val, p.calibration_batch_size)
+                ident = checkpoint_identity(*checkpoint.read_config(ckpt), p.backbone)
+                row = {**ident, "task": task, "stage": "zeroshot", "seed": seed, "config_hash": key}
+                store.append_many(
+                    [
+                        {**row, "metric": "accuracy", "value": r["accuracy"], "seconds": r["seconds"]},
+                        {**row, "metric": "val_loss", "value": r["loss"], "seconds": r["seconds"]},
+                    ]
+                )
+                done.add(key)
+    _record_wall(store, p, "wall:zero_shot_ablation", time.perf_counter() - t0)
+    rows = store.rows(stage="zeroshot", metric="accuracy")
+    return rows[["task", "seed", "method", "z", "d", "value"]]
+
+
 # -- stage 2: reduce, finetune, evaluate ---------------------------------------------------------------------------
 def task_study(p) -> pd.DataFrame:
     """experiments.pruning_study for every seed (one after the other, so an interrupted run leaves whole seeds),
@@ -385,10 +439,11 @@ def pretrain_frame(df: pd.DataFrame) -> pd.DataFrame:
     return df[["seed", "d", "metric", "value", "extra_json"]].reset_index(drop=True)
 
 
-def task_frame(df: pd.DataFrame, base: int, metric: str = "accuracy") -> pd.DataFrame:
-    """Finetuning results: index (task, d, seed), one column per model kind: "scratch" (z == d: trained from
-    scratch, incl. the unreduced base at d = base) or the reduction method (reduced from `base`)."""
-    df = _latest(df[(df["metric"] == metric) & (df["stage"] == "stage2")])
+def task_frame(df: pd.DataFrame, base: int, metric: str = "accuracy", stage: str = "stage2") -> pd.DataFrame:
+    """Task results of one stage ("stage2": after finetuning; "zeroshot": the ablation without finetuning): index
+    (task, d, seed), one column per model kind: "scratch" (z == d: trained from scratch, incl. the unreduced base at
+    d = base) or the reduction method (reduced from `base`)."""
+    df = _latest(df[(df["metric"] == metric) & (df["stage"] == stage)])
     df = df[(df["z"] == df["d"]) | (df["z"] == base)]
     if df.empty:
         return pd.DataFrame(columns=[], index=pd.MultiIndex.from_tuples([], names=["task", "d", "seed"]))
@@ -491,11 +546,12 @@ SETTLE = {
 }
 
 
-def evaluate_claims(df: pd.DataFrame, p) -> list[Claim]:
-    """Claims (a)-(e) from the results store's rows (a DataFrame of ResultsStore.rows()) and the study settings."""
+def evaluate_claims(df: pd.DataFrame, p, stage: str = "stage2") -> list[Claim]:
+    """Claims (a)-(e) from the results store's rows (a DataFrame of ResultsStore.rows()) and the study settings.
+    stage "zeroshot" reads the task claims (b)-(e) from the ablation without finetuning instead."""
     k, base = p.se_factor, max(p.variants)
     out = [_claim_a(df, p)]
-    acc, loss = task_frame(df, base, "accuracy"), task_frame(df, base, "val_loss")
+    acc, loss = task_frame(df, base, "accuracy", stage), task_frame(df, base, "val_loss", stage)
 
     def both(better, worse, name, **kw):
         a = compare(acc, better, worse, name, k, **kw)
@@ -1197,11 +1253,20 @@ def render_report(df: pd.DataFrame, p, fig_dir: Path | None = None, fig_rel: str
     L.append(_md(floors_table(df, p), ".1f") + "\n")
     for task in p.tasks:
         L.append(fig(f"accuracy_{task.replace(':', '_')}", lambda task=task: figure_task(df, task, p)))
+    zs = {}
+    if p.zero_shot_tasks and (df["stage"] == "zeroshot").any():
+        zs = {c.key: c for c in evaluate_claims(df, p, stage="zeroshot")}
     for c in claims[1:]:
         L.append(f"## ({c.key}) {c.title}: **{c.verdict}**\n")
         L.append(c.statement + "\n")
         L.append(f"Pooled over tasks and D (accuracy points):\n\n{_part_table(c.parts, k)}\n")
         L.append(f"Secondary ({c.secondary_label}):\n\n{_part_table(c.secondary, k)}\n")
+        if c.key in zs:
+            z = zs[c.key]
+            L.append(
+                f"Ablation without finetuning ({', '.join(p.zero_shot_tasks)}; router `merge`, no training after the "
+                f"reduction; the same rule gives **{z.verdict}**):\n\n{_part_table(z.parts, k)}\n"
+            )
         if c.note:
             L.append(c.note + "\n")
         cells = _cells_table(c.parts)

@@ -168,13 +168,19 @@ def _fill_store(store: ResultsStore, p, uncurl_acc=0.66, skip=()):
                 ident = dict(base_model="tiny", method=method, z=z, d=d, task=task, stage="stage2", seed=s)
                 rows.append({**ident, "metric": "accuracy", "value": a + noise, "seconds": 10.0})
                 rows.append({**ident, "metric": "val_loss", "value": 2.0 - a + noise})
+                if task in p.zero_shot_tasks:  # without finetuning: every reduction 20 points lower, uncurl 30
+                    zs = a - (0.3 if method == "uncurl" else 0.2 if z > d else 0.0) + noise
+                    rows.append({**ident, "stage": "zeroshot", "metric": "accuracy", "value": zs})
+                    rows.append({**ident, "stage": "zeroshot", "metric": "val_loss", "value": 2.0 - zs})
     wall = dict(base_model="tiny", method="none", z=1, d=1, task=R.RUN_TASK, stage="wall:tasks", seed=0)
     rows.append({**wall, "metric": "wall_seconds", "value": 600.0})
     store.append_many(rows)
 
 
 def test_claims_and_report_from_a_hand_made_store(tmp_path):
-    p = _params(tmp_path, budget_note="Chosen by measurement.", ablation_tokens=[2_400_000])
+    p = _params(
+        tmp_path, budget_note="Chosen by measurement.", ablation_tokens=[2_400_000], zero_shot_tasks=["cloze-news"]
+    )
     store = R.load_store(p)
     _fill_store(store, p)
     claims = {c.key: c for c in R.evaluate_claims(store.rows(), p)}
@@ -205,6 +211,9 @@ def test_claims_and_report_from_a_hand_made_store(tmp_path):
     assert "tiny+(32e->8e)" in text and "(+)" in text  # the paper's layout with marks
     assert "Verdict rule (mechanical)" in text
     assert "Retrained with 2,400,000 tokens (seeds 0,1)" in text
+    zs = {c.key: c.verdict for c in R.evaluate_claims(store.rows(), p, stage="zeroshot")}
+    assert zs["c"] == R.NOT_SUPPORTED and zs["e"] == R.SUPPORTED  # uncurl 10 points below the other reductions
+    assert "Ablation without finetuning (cloze-news; router `merge`" in text and "gives **not supported**" in text
     pngs = {x.rsplit("/", 1)[-1] for x in out["figures"]}
     assert {"claims_forest.png", "pretrain_val_loss.png", "accuracy_boolq.png", "ablation_budget.png"} <= pngs
     assert all((tmp_path / "replication" / "replication" / f).stat().st_size > 5000 for f in pngs)
