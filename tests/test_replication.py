@@ -130,7 +130,7 @@ def test_lm_loss_protocols_fixed_windows_and_restored_settings():
 
 
 # -- the report from a hand-made results store ---------------------------------------------------------------------
-def _fill_store(store: ResultsStore, p, uncurl_acc=0.66, skip=()):
+def _fill_store(store: ResultsStore, p, uncurl_acc=0.66, skip=(), majority=None):
     """Rows as the study writes them: pretraining losses (dense > 8e > 32e), curves, floors, task accuracies and
     validation losses. skip: (task, seed, method, d) finetuning results to leave out."""
     rng = np.random.default_rng(0)
@@ -155,7 +155,7 @@ def _fill_store(store: ResultsStore, p, uncurl_acc=0.66, skip=()):
                 curve = {**ident, "stage": "curve", "metric": "val_loss", "value": v}
                 rows.append({**curve, "extra": {"step": step, "tokens": tokens}})
         for task in p.tasks:
-            for metric, v in (("chance", 0.25), ("majority", 0.30)):
+            for metric, v in (("chance", 0.25), ("majority", (majority or {}).get(task, 0.30))):
                 floor = dict(base_model="tiny", method="none", z=1, d=1, task=task, stage="floor", seed=s)
                 rows.append({**floor, "metric": metric, "value": v})
             models = [("none", e, e, 0.40 + 0.15 * (e == 8) + 0.2 * (e == 32)) for e in (1, 8, 32)]
@@ -236,3 +236,17 @@ def test_report_flags_failures_and_partial_runs(tmp_path):
     text = R.render_report(df, p)  # no figures
     assert "PARTIAL REPORT" in text and "boolq seed 2 hybrid 32e->2e" in text
     assert "## (c) UNCURL beats greedy pruning" in text and "**not supported** at this scale" in text
+
+
+def test_floor_rule_leaves_out_a_task_no_model_learns(tmp_path):
+    p = _params(tmp_path)
+    store = R.load_store(p)
+    _fill_store(store, p, uncurl_acc=0.45, majority={"boolq": 0.70})  # every boolq model below its majority class
+    df = store.rows()
+    assert R.learnable_tasks(df, p) == ["cloze-news"]
+    kept = {c.key: c for c in R.evaluate_claims(df, p)}
+    every = {c.key: c for c in R.evaluate_claims(df, p, tasks=p.tasks)}
+    assert set(kept["c"].parts[0].cells["task"]) == {"cloze-news"}
+    assert set(every["c"].parts[0].cells["task"]) == {"cloze-news", "boolq"}
+    text = R.render_report(df, p)
+    assert "Here the rule drops boolq" in text and "With every task, boolq included (no floor rule)" in text
