@@ -385,7 +385,11 @@ def zero_shot_ablation(p) -> pd.DataFrame:
                     ckpt, _ = experiments.reduced_checkpoint(
                         base_ckpt, cal, cal_path, method, d, out, "merge", seed, p.workers
                     )
-                key = config_hash({"ckpt": checkpoint.checkpoint_hash(ckpt), "task": task, "n": len(val), "zs": 1})
+                # the folder name is part of the key: two methods can produce identical weights (e.g. mcsmoe and
+                # freq_merge when the global allocation gives every layer exactly D dominant experts)
+                name = ckpt.parent.name if ckpt.name == "checkpoint" else ckpt.name
+                h = checkpoint.checkpoint_hash(ckpt)
+                key = config_hash({"ckpt": h, "name": name, "task": task, "n": len(val), "zs": 1})
                 if key in done:
                     continue
                 model, tok = checkpoint.load(ckpt), checkpoint.load_tokenizer(ckpt)
