@@ -614,7 +614,8 @@ def evaluate_claims(df: pd.DataFrame, p, stage: str = "stage2", tasks: list[str]
             combine([x.verdict for x in parts]) if len(parts) == 3 else INCONCLUSIVE,
             sec,
             "finetuned validation loss (nats, lower is better; no margin)",
-            "" if len(parts) == 3 else "Some comparison has no data (a method was not run).",
+            ("" if len(parts) == 3 else "Some comparison has no data (a method was not run). ")
+            + _same_as_note(acc, loss, "mcsmoe", "freq_merge"),
             SETTLE["c"],
         )
     )
@@ -635,6 +636,22 @@ def evaluate_claims(df: pd.DataFrame, p, stage: str = "stage2", tasks: list[str]
         )
     )
     return out
+
+
+def _same_as_note(acc: pd.DataFrame, loss: pd.DataFrame, a: str, b: str) -> str:
+    """A note when two methods gave exactly the same accuracy and loss in some (task, D, seed) cells: with few MoE
+    layers mcsmoe's global allocation often gives every layer exactly D dominant experts, i.e. freq_merge's model."""
+    if a not in acc.columns or b not in acc.columns or a not in loss.columns or b not in loss.columns:
+        return ""
+    both = acc[[a, b]].dropna().index.intersection(loss[[a, b]].dropna().index)
+    same = ((acc.loc[both, a] == acc.loc[both, b]) & (loss.loc[both, a] == loss.loc[both, b])).sum()
+    if not same:
+        return ""
+    return (
+        f"{a} and {b} gave identical accuracy and loss in {same} of {len(both)} (task, D, seed) cells: identical "
+        f"reduced models (with few MoE layers, {a}'s global choice of dominant experts often gives every layer exactly "
+        f"D, which is {b}'s choice)."
+    )
 
 
 def _pretrain_part(pre: pd.DataFrame, protocol: str, fewer: int, more: int, k: float) -> Part | None:
