@@ -24,7 +24,8 @@ or when n < 2 (k = P.se_factor, 2 by default; margin 0 for directional claims, P
 "competitive"). A claim with several parts is supported when every part is, not supported when any part is not,
 inconclusive otherwise. With n = 3 seeds "2 SE" is a screening rule, not a 95% test (a t-test would need ~4.3 SE).
 
-Settings derived from the parameters and reading the store live in `study.py`.
+Settings derived from the parameters and reading the store live in `study.py`; the report is one small function
+per section (`report.py`), with the plain-language readings of the ablations in `diagnosis.py`.
 """
 
 from .claims import FLOOR_MARGIN, SETTLE, Claim, Part, claims_frame, compare, evaluate_claims, learnable_tasks
