@@ -81,5 +81,6 @@ def seeds_needed(est: Estimate, se_factor: float = 2.0, margin: float = 0.0) -> 
 
 
 def mean_sd(values) -> tuple[float, float]:
+    """(mean, sd) of per-seed values, sd 0 for a single value (error bars)."""
     e = Estimate.of(values)
     return e.mean, (e.sd if e.n > 1 else 0.0)

@@ -18,8 +18,6 @@ from ..paths import resolve_out_dir
 from ..results import ResultsStore
 
 PRETRAIN_TASK = "corpus:val"  # the results-store task of pretraining losses
-
-
 RUN_TASK = "run"  # the results-store task of bookkeeping rows (wall seconds per stage)
 
 
@@ -55,6 +53,7 @@ def load_store(p) -> ResultsStore:
 
 
 def record_wall(store: ResultsStore, p, stage: str, seconds: float) -> None:
+    """A bookkeeping row: the wall seconds of one execution of a stage (`tables.compute_used` sums them)."""
     store.append(
         base_model=p.backbone,
         method="none",
