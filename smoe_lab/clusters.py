@@ -14,7 +14,7 @@ import numpy as np
 from .calibrate import Calibration
 from .reduce.methods import METHODS, plan_layers
 from .reduce.similarity import similarity_from_gram
-from .reduce.spectral import cluster_silhouette, eigengap, spectral_embedding
+from .reduce.spectral import cluster_silhouette, eigengap, spectral_embedding, suggest_num_clusters
 from .reduce.stability import cluster_stability
 
 
@@ -44,16 +44,10 @@ class LayerView:
 
 
 def suggest_d(eigenvalues: np.ndarray) -> int:
-    """The D >= 2 after which the Laplacian spectrum has its largest gap (eigengap heuristic).
-
-    D = 1 is excluded: S = (1 + cos) / 2 is at least ~0.5 between unrelated experts, so the graph is dense and
-    lambda_2 - lambda_1 is always the largest gap; the structure worth reading starts at lambda_2.
-    """
-    ev = np.sort(np.asarray(eigenvalues, dtype=np.float64))
-    if len(ev) < 3:
-        return len(ev)
-    gaps = np.diff(ev)[1:]  # [Z-2]: gaps[j] = lambda_{j+3} - lambda_{j+2}, the gap after D = j + 2
-    return int(np.argmax(gaps)) + 2
+    """The D >= 2 after which the Laplacian spectrum has its largest gap: `spectral.suggest_num_clusters` over every
+    D in 2..Z-1 (D = 1 is excluded there; see its docstring). Z < 3 leaves nothing to choose: Z."""
+    ev = np.asarray(eigenvalues)
+    return len(ev) if len(ev) < 3 else suggest_num_clusters(ev, max_d=len(ev))
 
 
 def tsne_2d(F: np.ndarray, seed: int = 0) -> np.ndarray:

@@ -152,6 +152,29 @@ class MoETelemetry:
     processed_counts: Tensor  # [E] after drops
     capacity: int
 
+    @classmethod
+    def of_call(
+        cls,
+        logits: Tensor,
+        probs: Tensor,
+        routed_counts: Tensor,
+        processed_counts: Tensor,
+        capacity: int,
+        mask: Tensor | None = None,
+        keep_logits: bool = True,
+    ) -> MoETelemetry:
+        """The telemetry of one call from its logits / probs [N, E] over every token (restricted here to the real
+        ones: mask [N], None = all), counts [E] and capacity; detached. keep_logits False stores empty [0, E] logits."""
+        valid = slice(None) if mask is None else mask.bool()
+        logits = logits.detach()
+        return cls(
+            router_logits=logits[valid] if keep_logits else logits.new_empty(0, logits.shape[1]),
+            router_probs=probs.detach()[valid],
+            routed_counts=routed_counts.detach(),
+            processed_counts=processed_counts.detach(),
+            capacity=int(capacity),
+        )
+
     @property
     def num_tokens(self) -> int:
         return self.router_probs.shape[0]
@@ -220,14 +243,8 @@ class MoELayer(nn.Module):
 
     def _record(self, logits: Tensor, r: Routing, mask: Tensor | None) -> None:
         self.aux_loss = r.aux_loss
-        valid = slice(None) if mask is None else mask.bool()
-        logits = logits.detach()
-        self.telemetry = MoETelemetry(
-            router_logits=logits[valid] if self.record_logits else logits.new_empty(0, logits.shape[1]),
-            router_probs=r.gates.detach()[valid],
-            routed_counts=r.routed_counts.detach(),
-            processed_counts=r.processed_counts,
-            capacity=r.capacity,
+        self.telemetry = MoETelemetry.of_call(
+            logits, r.gates, r.routed_counts, r.processed_counts, r.capacity, mask, self.record_logits
         )
 
 

@@ -47,10 +47,11 @@ class NotebookParams(_FromDict):
 
 
 @dataclass
-class PretrainNotebook(NotebookParams):
-    """01_pretrain: train each variant (1 = dense, E > 1 = E experts per MoE layer) on the same tokens."""
+class PretrainSettings(NotebookParams):
+    """The pretraining recipe's parameters, shared by 01_pretrain and 05_replication (which runs 01 per seed):
+    model preset and overrides, the variants (1 = dense, E > 1 = E experts per MoE layer), tokens per model, the
+    optimiser schedule, the periodic evaluation, the corpus. Validated by PretrainNotebook."""
 
-    NOTEBOOK = "01_pretrain"
     preset: str = "tiny"
     model_overrides: dict[str, Any] = field(default_factory=dict)
     variants: list[int] = field(default_factory=lambda: [1, 8, 32])
@@ -63,8 +64,15 @@ class PretrainNotebook(NotebookParams):
     weight_decay: float = 0.1
     eval_every: int = 50
     eval_batches: int = 16
-    seed: int = 0
     corpus: str = "tiny"
+
+
+@dataclass
+class PretrainNotebook(PretrainSettings):
+    """01_pretrain: train each variant (1 = dense, E > 1 = E experts per MoE layer) on the same tokens."""
+
+    NOTEBOOK = "01_pretrain"
+    seed: int = 0
     out_dir: str = "runs/quickstart"
     progress: bool = True
 
@@ -232,7 +240,7 @@ class ResultsNotebook(NotebookParams):
 
 
 @dataclass
-class ReplicationNotebook(NotebookParams):
+class ReplicationNotebook(PretrainSettings):
     """05_replication: the paper's claims (a)-(e) on a small budget, over several seeds, with mechanical verdicts.
 
     Pretrains every variant for every seed (like 01), reduces the largest variant with every method to each target
@@ -243,21 +251,10 @@ class ReplicationNotebook(NotebookParams):
     """
 
     NOTEBOOK = "05_replication"
-    backbone: str = "tiny"
-    preset: str = "tiny"
-    model_overrides: dict[str, Any] = field(default_factory=dict)
-    variants: list[int] = field(default_factory=lambda: [1, 8, 32])  # the largest is the base that is reduced
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    # PretrainSettings' fields (preset ... corpus) apply to every seed; variants: the largest is the base reduced
     tokens: int = 1_200_000
-    batch_size: int = 32
-    micro_batch_size: int = 32
-    lr: float = 2e-3
-    min_lr: float = 2e-4
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    eval_every: int = 50
-    eval_batches: int = 16
-    corpus: str = "tiny"
+    backbone: str = "tiny"
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     eval_batch_size: int = 32  # pretraining losses: fixed val windows in stream order, batches of this size
     eval_windows: int = 0  # 0 = every non-overlapping window of the validation split; else that many, spread evenly
     ablation_capacity_factors: list[float] = field(default_factory=lambda: [1.25, 2.0])
@@ -326,9 +323,8 @@ class ReplicationNotebook(NotebookParams):
 
     def pretrain_notebook(self, seed: int) -> PretrainNotebook:
         """Notebook 01's settings for one seed of this study (same tokens for every variant of that seed)."""
-        names = ["preset", "model_overrides", "variants", "tokens", "batch_size", "micro_batch_size", "lr"]
-        names += ["min_lr", "warmup_steps", "weight_decay", "eval_every", "eval_batches", "corpus", "progress"]
-        return PretrainNotebook(**{n: getattr(self, n) for n in names}, seed=seed, out_dir=self.study_dir)
+        shared = {f.name: getattr(self, f.name) for f in dataclasses.fields(PretrainSettings)}
+        return PretrainNotebook(**shared, seed=seed, out_dir=self.study_dir, progress=self.progress)
 
     def pruning_notebook(self, seed: int) -> PruningNotebook:
         """Notebook 03's settings for one seed: the largest variant reduced, every other variant a reference."""

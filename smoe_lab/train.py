@@ -21,6 +21,7 @@ from tqdm.auto import tqdm
 
 from . import checkpoint
 from .config import ModelConfig, PretrainParams, TrainConfig
+from .data.corpus import resolve_corpus
 from .model import GPT
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # (idx [B, T], targets [B, T], mask [B, T] | None)
@@ -333,20 +334,6 @@ def pretrain(
     desc = f"pretrain {model_cfg.label()}"
     tok = corpus_obj.tokenizer
     return fit(model, train_cfg, next_batch, out_dir, gen, evaluate, resume, meta, progress, desc, tokenizer=tok)
-
-
-def resolve_corpus(spec: str | Path):
-    """A prepared corpus folder, or a recipe name of smoe_lab.data.corpus (prepared on first use)."""
-    from .data.corpus import RECIPES, open_corpus, prepare
-
-    p = Path(spec)
-    if p.is_dir():
-        return open_corpus(p)
-    if str(spec) in RECIPES:
-        return open_corpus(prepare(str(spec)))
-    raise FileNotFoundError(
-        f"corpus not found: {spec!r} is neither a prepared corpus folder nor a recipe {sorted(RECIPES)}"
-    )
 
 
 def pretrain_from_params(params: PretrainParams, progress: bool = True) -> FitResult:

@@ -104,7 +104,7 @@ def test_sources_and_bad_arguments(tmp_path, monkeypatch):
     def offline(task, split):
         raise ConnectionError("hub unreachable")
 
-    monkeypatch.setattr(tasks, "_hf_rows", offline)
+    monkeypatch.setattr(tasks.readers, "_hf_rows", offline)  # where load_superglue looks it up
     with pytest.raises(FileNotFoundError, match=r"put the official SuperGLUE file at .*COPA/val\.jsonl"):
         load_task("copa", "validation", root=tmp_path)
     with pytest.raises(ValueError, match="unknown task 'mnli'"):

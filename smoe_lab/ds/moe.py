@@ -206,15 +206,11 @@ class DeepSpeedMoELayer(MoE):
         x, used = args[0], args[1] if len(args) > 1 else None
         with torch.no_grad():
             logits = F.linear(x.detach().float(), gate.wg.weight.detach().float())  # [N, E], as the gate
-        valid = slice(None) if used is None else used.bool()
         idx = output[3].reshape(-1).long()  # [N]: expert of each kept token, -1 dropped or padding
         processed = torch.bincount(idx[idx >= 0], minlength=self.num_experts)
-        self.telemetry = MoETelemetry(
-            router_logits=logits[valid] if self.record_logits else logits.new_empty(0, logits.shape[1]),
-            router_probs=F.softmax(logits, dim=1)[valid],
-            routed_counts=output[6].detach().long(),
-            processed_counts=processed,
-            capacity=int(output[1]),
+        probs = F.softmax(logits, dim=1)
+        self.telemetry = MoETelemetry.of_call(
+            logits, probs, output[6].long(), processed, output[1], used, self.record_logits
         )
 
 
