@@ -412,3 +412,32 @@ def test_cli_takes_an_hf_folder(folders, tmp_path, capsys):
     out = capsys.readouterr().out
     assert "boolq validation: accuracy" in out and "'method': 'uncurl', 'z': 4, 'd': 2" in out
     assert main(["calibrate", "--checkpoint", str(tmp_path / "missing"), "--task", "boolq", "--out", str(cal)]) == 2
+
+
+# -- notebook 03 on Hugging Face bases -------------------------------------------------------------------------------
+def test_pruning_study_over_several_hf_bases(tmp_path):
+    """A list of bases (as params/03_pruning/switch.yaml): each is reduced to the targets below its own count and
+    compared with the public model of that size; results go to the store like the native study's."""
+    from smoe_lab.experiments import pruning_study, results_store
+    from smoe_lab.notebook_params import PruningNotebook
+
+    big = H.save_folder("switch", tmp_path / "switch-4e", num_experts=4)
+    small = H.save_folder("switch", tmp_path / "switch-2e", seed=1, num_experts=2)
+    p = PruningNotebook(
+        backbone="tiny-switch",
+        base_variant=[str(big), str(small)],
+        reference_variants=[str(small)],
+        tasks=["boolq"],
+        targets=[2],
+        methods=["uncurl"],
+        calibration_examples=4,
+        batch_size=2,
+        max_train_examples=8,
+        max_eval_examples=4,
+        finetune={"steps": 1, "batch_size": 4, "micro_batch_size": 4, "warmup_steps": 0, "device": "cpu"},
+        out_dir=str(tmp_path / "out"),
+    )
+    rows = pruning_study(p)
+    assert sorted(zip(rows["method"], rows["z"], rows["d"])) == [("none", 2, 2), ("none", 4, 4), ("uncurl", 4, 2)]
+    assert (tmp_path / "out" / "calibration" / "switch-4e-boolq-train-n4.safetensors").is_file()
+    assert len(results_store(tmp_path / "out").rows(metric="accuracy")) == 3
