@@ -407,7 +407,11 @@ def test_cli_takes_an_hf_folder(folders, tmp_path, capsys):
     assert main([*argv, "--router", "merge", "--out", str(tmp_path / "red")]) == 0
     assert _stock(tmp_path / "red").config.num_experts == 2
     assert json.loads((tmp_path / "red.report.json").read_text())["num_experts"] == [2, 2]
-    argv = ["evaluate", "--checkpoint", str(tmp_path / "red"), "--task", "boolq", "--max-examples", "4"]
+    sets = ["steps=1", "batch_size=2", "micro_batch_size=2", "warmup_steps=0", "eval_max_examples=2", "device=cpu"]
+    argv = ["finetune", "--checkpoint", str(tmp_path / "red"), "--task", "boolq", "--max-train-examples", "4"]
+    argv += [x for kv in sets for x in ("--set", kv)]
+    assert main([*argv, "--out", str(tmp_path / "ft"), "--no-progress"]) == 0
+    argv = ["evaluate", "--checkpoint", str(tmp_path / "ft" / "best"), "--task", "boolq", "--max-examples", "4"]
     assert main([*argv, "--device", "cpu", "--no-progress", "--store", str(tmp_path / "r.sqlite")]) == 0
     out = capsys.readouterr().out
     assert "boolq validation: accuracy" in out and "'method': 'uncurl', 'z': 4, 'd': 2" in out
