@@ -35,6 +35,11 @@ class LayerStats:
     processed_counts: torch.Tensor  # [Z] int64: tokens each expert processed (after drops, eval capacity)
     n_tokens: int
     logits_sample: torch.Tensor | None = None  # [n_sample, Z] float32, for plots
+    # Top-k routing (Hugging Face decoders, smoe_lab.hf): k choices per token. For top-1 models selected_counts is
+    # top1_counts. gate_mass: the routing weights each expert received, summed over tokens (None in old artifacts).
+    selected_counts: torch.Tensor | None = None  # [Z] int64: tokens that chose each expert among their top k
+    gate_mass: torch.Tensor | None = None  # [Z] float64
+    top_k: int = 1
 
     @property
     def num_experts(self) -> int:
@@ -42,8 +47,23 @@ class LayerStats:
 
     @property
     def frequencies(self) -> torch.Tensor:
-        """[Z] float64: top-1 share of each expert on the calibration tokens (sums to 1)."""
+        """[Z] float64: share of each expert in the layer's routing choices (sums to 1).
+
+        Top-1: the share of tokens whose argmax is the expert (the paper's activation frequency). Top-k: each token
+        makes k choices, so the share is selected_counts / (k * n_tokens).
+        """
+        if self.top_k > 1 and self.selected_counts is not None:
+            return self.selected_counts.double() / max(self.top_k * self.n_tokens, 1)
         return self.top1_counts.double() / max(self.n_tokens, 1)
+
+    @property
+    def gate_shares(self) -> torch.Tensor:
+        """[Z] float64: gate mass normalised to sum to 1 (uniform when no mass was recorded at all)."""
+        if self.gate_mass is None:
+            raise ValueError("this calibration artifact has no gate mass: calibrate the checkpoint again")
+        total = float(self.gate_mass.sum())
+        z = self.num_experts
+        return self.gate_mass.double() / total if total > 0 else torch.full((z,), 1.0 / z, dtype=torch.float64)
 
     @property
     def logit_norms(self) -> torch.Tensor:
@@ -77,6 +97,11 @@ class Calibration:
             tensors[f"layer{i}.n_tokens"] = torch.tensor([s.n_tokens], dtype=torch.int64)
             if s.logits_sample is not None:
                 tensors[f"layer{i}.logits_sample"] = s.logits_sample.contiguous()
+            if s.selected_counts is not None:
+                tensors[f"layer{i}.selected_counts"] = s.selected_counts.contiguous()
+            if s.gate_mass is not None:
+                tensors[f"layer{i}.gate_mass"] = s.gate_mass.contiguous()
+            tensors[f"layer{i}.top_k"] = torch.tensor([s.top_k], dtype=torch.int64)
         meta = {"format": FORMAT, "manifest": json.dumps(self.manifest, sort_keys=True, default=str)}
         tmp = path.with_name(f".{path.name}.tmp")
         save_file(tensors, str(tmp), metadata=meta)
@@ -104,6 +129,9 @@ class Calibration:
                 processed_counts=t[f"layer{i}.processed_counts"],
                 n_tokens=int(t[f"layer{i}.n_tokens"][0]),
                 logits_sample=t.get(f"layer{i}.logits_sample"),
+                selected_counts=t.get(f"layer{i}.selected_counts"),
+                gate_mass=t.get(f"layer{i}.gate_mass"),
+                top_k=int(t[f"layer{i}.top_k"][0]) if f"layer{i}.top_k" in t else 1,
             )
             for i in range(n_layers)
         ]
@@ -153,6 +181,9 @@ def calibrate(
     lsum = [torch.zeros(e, dtype=torch.float64) for e in z]
     top1 = [torch.zeros(e, dtype=torch.int64) for e in z]
     proc = [torch.zeros(e, dtype=torch.int64) for e in z]
+    chosen = [torch.zeros(e, dtype=torch.int64) for e in z]
+    mass = [torch.zeros(e, dtype=torch.float64) for e in z]
+    top_k = [int(getattr(m, "top_k", 1)) for m in layers]
     samples: list[torch.Tensor | None] = [None] * len(layers)
     seen = [0] * len(layers)
     gen = torch.Generator().manual_seed(seed)
@@ -169,18 +200,32 @@ def calibrate(
             lsum[i] += h.sum(0)
             top1[i] += t.routed_counts.cpu()
             proc[i] += t.processed_counts.cpu()
+            c, g = _selections(t)
+            chosen[i] += c
+            mass[i] += g
             samples[i], seen[i] = _reservoir(samples[i], seen[i], h.float(), max_sample, gen)
     model.train(was_training)
     if n_tokens == 0:
         raise ValueError("calibration data is empty: no tokens were seen (check the task split and the batches)")
     stats = [
-        LayerStats(gram[i], lsum[i], top1[i], proc[i], n_tokens, samples[i] if max_sample > 0 else None)
+        LayerStats(
+            gram[i],
+            lsum[i],
+            top1[i],
+            proc[i],
+            n_tokens,
+            samples[i] if max_sample > 0 else None,
+            selected_counts=chosen[i],
+            gate_mass=mass[i],
+            top_k=top_k[i],
+        )
         for i in range(len(layers))
     ]
     info = {
         "model_hash": model_hash(model),
         "checkpoint": getattr(model, "checkpoint_path", None),
         "experts_per_layer": z,
+        "top_k": top_k,
         "tokens": n_tokens,
         "capacity_factor": cfg.capacity_factor_eval,
         "seconds": round(time.perf_counter() - t0, 3),
@@ -188,6 +233,19 @@ def calibrate(
         **manifest,
     }
     return Calibration(stats, info)
+
+
+def _selections(t) -> tuple[torch.Tensor, torch.Tensor]:
+    """(selected counts [Z] int64, gate mass [Z] float64) of one forward's telemetry.
+
+    Top-k telemetry (smoe_lab.hf) carries both; for the native top-1 layer they are the argmax counts and the
+    summed softmax probability of each token's argmax expert.
+    """
+    if getattr(t, "selected_counts", None) is not None:
+        return t.selected_counts.cpu(), t.gate_mass.double().cpu()
+    p = t.router_probs.double().cpu()  # [N_real, Z]
+    top = p.max(1)
+    return t.routed_counts.cpu(), torch.zeros(p.shape[1], dtype=torch.float64).index_add_(0, top.indices, top.values)
 
 
 def _reservoir(

@@ -1,5 +1,8 @@
 """Checkpoints: a folder with model.safetensors + config.json (+ train_state.pt for resuming).
 
+Hugging Face models go through the same functions: `load`, `read_config`, `load_tokenizer` and `checkpoint_hash`
+take an HF folder or hub id, and `save` of an HF model writes a transformers folder (smoe_lab.hf.io).
+
 Nothing read from disk is unpickled: weights are safetensors, metadata JSON, and the optimizer state is
 loaded with torch.load(weights_only=True). Writes are atomic: a checkpoint folder is built under a temporary
 name and renamed into place, so a crash never leaves a half-written checkpoint.
@@ -79,6 +82,10 @@ def save(
 
     With a tokenizer the checkpoint is self-contained: `load_tokenizer(path)` needs nothing else.
     """
+    if getattr(model, "hf_family", None) is not None:  # a Hugging Face model: a transformers folder
+        from . import hf
+
+        return hf.save(model, path, tokenizer=tokenizer, train_state=train_state, **meta)
     path = Path(path)
     with atomic_dir(path) as tmp:
         if tokenizer is not None:
@@ -91,7 +98,18 @@ def save(
     return path
 
 
+def _hf(path) -> bool:
+    from .hf.source import is_hf_source
+
+    return is_hf_source(path)
+
+
 def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
+    """(config, meta) of a checkpoint folder; for an HF folder or hub id (smoe_lab.hf.HFConfig, meta)."""
+    if _hf(path):
+        from . import hf
+
+        return hf.read_config(path)
     path = Path(path)
     cfg_file = path / CONFIG
     if not cfg_file.is_file():
@@ -101,8 +119,13 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
 
 
 def load(path: str | Path, device: str | torch.device = "cpu"):
-    """Load a checkpoint folder into a new GPT model (eval mode)."""
+    """Load a checkpoint folder into a new GPT model (eval mode); an HF folder or hub id into smoe_lab.hf's adapter."""
     from .model import GPT
+
+    if _hf(path):
+        from . import hf
+
+        return hf.load(path, device=device)
 
     path = Path(path)
     config, meta = read_config(path)
@@ -123,8 +146,14 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
 
 
 def load_tokenizer(path: str | Path):
-    """The tokenizer saved with a checkpoint (or, for older checkpoints, the one of the corpus it was trained on)."""
+    """The tokenizer saved with a checkpoint (or, for older checkpoints, the one of the corpus it was trained on);
+    for an HF folder or hub id the model's own tokenizer."""
     from .data.tokenizer import load_tokenizer as _load
+
+    if _hf(path):
+        from . import hf
+
+        return hf.load_tokenizer(path)
 
     path = Path(path)
     if (path / TOKENIZER).is_dir():
@@ -142,6 +171,10 @@ def load_train_state(path: str | Path) -> dict[str, Any] | None:
 
 def checkpoint_hash(path: str | Path) -> str:
     """sha256 of the weights file: identifies the exact model a calibration artifact was made from."""
+    if _hf(path):
+        from . import hf
+
+        return hf.checkpoint_hash(path)
     h = hashlib.sha256()
     with open(Path(path) / WEIGHTS, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):

@@ -74,7 +74,10 @@ def choice_logprobs(
             chunk = pairs[s : s + batch_size]
             idx, targets, mask = (t.to(device) for t in collate([(p[2], p[3]) for p in chunk], tok.eot_id))
             with autocast_for(device, amp):
-                logits = model(idx, mask=mask)  # (B, T, V)
+                if getattr(model, "scores_from_targets", False):  # encoder-decoder (smoe_lab.hf): answers from targets
+                    logits = model(idx, targets, mask=mask)[0]  # (B, T, V), the decoder's at the answer positions
+                else:
+                    logits = model(idx, mask=mask)  # (B, T, V)
             logp = F.log_softmax(logits.float(), dim=-1)
             picked = logp.gather(-1, targets.clamp(min=0).unsqueeze(-1)).squeeze(-1)  # (B, T)
             sums = (picked * targets.ne(-1)).sum(1).tolist()

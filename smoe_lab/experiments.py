@@ -105,14 +105,48 @@ def pretrain_dir(out_dir: str | Path, variant: str, seed: int = 0) -> Path:
 
 
 def find_checkpoint(out_dir: str | Path, variant: str, seed: int = 0) -> Path:
-    """A checkpoint folder: `variant` may be a path, or a variant label of notebook 01's runs under out_dir."""
+    """A checkpoint folder: `variant` may be a path, a Hugging Face folder or hub id (smoe_lab.hf; resolved to its
+    local folder), or a variant label of notebook 01's runs under out_dir."""
+    from .hf.source import is_hf_source, resolve
+
     p = Path(variant)
     if (p / "config.json").is_file():
         return p
+    if is_hf_source(variant):
+        return resolve(variant)
     ck = pretrain_dir(out_dir, variant, seed) / "checkpoint"
     if not (ck / "config.json").is_file():
         raise FileNotFoundError(f"no checkpoint for variant {variant!r} at {ck}: run notebook 01 with it first")
     return ck
+
+
+def reference_checkpoints(out_dir: str | Path, variants: list[str], seed: int = 0) -> list[Path]:
+    """The checkpoints of notebook 01's variants that exist under out_dir, and every checkpoint folder or Hugging
+    Face model named in `variants` (those must exist)."""
+    from .hf.source import is_hf_source
+
+    found = []
+    for v in variants:
+        ck = pretrain_dir(out_dir, v, seed) / "checkpoint"
+        if (ck / "config.json").is_file():
+            found.append(ck)
+        elif (Path(v) / "config.json").is_file() or is_hf_source(v):
+            found.append(find_checkpoint(out_dir, v, seed))
+    return found
+
+
+def checkpoint_name(ckpt: str | Path) -> str:
+    """The run-folder name of a checkpoint: its run's folder for out/<run>/checkpoint, a hub snapshot's repo
+    ('google--switch-base-8'), else the folder's own name."""
+    from .hf.source import checkpoint_name as _name
+
+    return _name(ckpt)
+
+
+def variant_tag(variant: str) -> str:
+    """A file-name-safe tag of a variant label, checkpoint path or hub id (for figure and table names)."""
+    p = Path(variant)
+    return checkpoint_name(p) if len(p.parts) > 1 else str(variant)
 
 
 def calibration_batches_for(
@@ -130,6 +164,8 @@ def calibration_batches_for(
 
     cfg, _ = read_config(ckpt)
     block = cfg.block_size
+    if source.startswith("corpus:") and getattr(cfg, "family", None):
+        raise ValueError(f"{source}: corpus windows are ids of smoe_lab's tokenizer; calibrate {ckpt} on a task")
     if source.startswith("corpus:"):
         from .data.corpus import iter_eval_batches, open_corpus
         from .train import resolve_corpus
@@ -160,7 +196,7 @@ def calibration_artifact(
     from .checkpoint import checkpoint_hash, load
 
     ckpt = Path(ckpt)
-    tag = f"{ckpt.parent.name}-{source.replace(':', '_')}-{split}-n{max_examples or 'all'}"
+    tag = f"{checkpoint_name(ckpt)}-{source.replace(':', '_')}-{split}-n{max_examples or 'all'}"
     path = Path(out_dir) / "calibration" / f"{tag}.safetensors"
     h = checkpoint_hash(ckpt)
     if path.is_file():
@@ -269,7 +305,7 @@ def finetune_and_record(
 
     model_cfg, meta = checkpoint.read_config(ckpt)
     ident = checkpoint_identity(model_cfg, meta, backbone)
-    name = ckpt.parent.name if ckpt.name == "checkpoint" else ckpt.name  # pretrain run folder, or reduced name
+    name = checkpoint_name(ckpt)  # pretrain run folder, reduced name, or a Hugging Face model's name
     run_dir = out_dir / "finetune" / task / name
     key = config_hash({"ckpt": checkpoint.checkpoint_hash(ckpt), "cfg": cfg.to_dict(), "n": [len(train), len(val)]})
     done = _done(run_dir / "result.json", key)
@@ -322,7 +358,7 @@ def stage1_checkpoint(
     from .results import checkpoint_identity, config_hash
     from .train import resolve_corpus
 
-    name = ckpt.parent.name if ckpt.name == "checkpoint" else ckpt.name
+    name = checkpoint_name(ckpt)
     run_dir = out_dir / "stage1" / name
     key = config_hash({"ckpt": checkpoint.checkpoint_hash(ckpt), "cfg": cfg.to_dict(), "n": max_examples})
     if _done(run_dir / "result.json", key) and (run_dir / "checkpoint" / "config.json").is_file():
@@ -355,15 +391,13 @@ def pruning_study(p) -> pd.DataFrame:
     """
     from .finetune import FinetuneConfig, task_data
 
+    if isinstance(p.base_variant, list):  # several bases (e.g. switch-base-8 ... -128): one study each
+        return _per_base_studies(p)
     out = Path(p.out_dir)
     store = results_store(out)
     base = find_checkpoint(out, p.base_variant, p.seed)
     cfg = FinetuneConfig.from_dict({**p.finetune, "seed": p.seed})
-    refs = [base] + [
-        pretrain_dir(out, v, p.seed) / "checkpoint"
-        for v in p.reference_variants
-        if (pretrain_dir(out, v, p.seed) / "checkpoint" / "config.json").is_file()
-    ]
+    refs = [base] + reference_checkpoints(out, p.reference_variants, p.seed)
     cfg1 = FinetuneConfig.from_dict({**p.stage1, "stage": "stage1", "seed": p.seed}) if p.stage1 else None
     if cfg1 is not None:  # the router warm-up of reduced models happens in stage 1, their first training
         cfg = cfg.replace(router_warmup_steps=0)
@@ -397,6 +431,20 @@ def pruning_study(p) -> pd.DataFrame:
                 )
                 rows.append(row)
     return pd.DataFrame(rows)
+
+
+def _per_base_studies(p) -> pd.DataFrame:
+    """pruning_study for each base of a list, each reduced only to the targets below its own expert count (a base
+    without any is still finetuned as a reference); references finetuned once are reused from their run folders."""
+    import copy
+
+    frames = []
+    for b in p.base_variant:
+        z = max(checkpoint.read_config(find_checkpoint(p.out_dir, b, p.seed))[0].experts_per_layer or [1])
+        q = copy.copy(p)  # p was validated; an empty target list only skips the reductions
+        q.base_variant, q.targets = b, [d for d in p.targets if d < z]
+        frames.append(pruning_study(q))
+    return pd.concat(frames, ignore_index=True).drop_duplicates(subset=["run_dir"], ignore_index=True)
 
 
 def task_baselines(tasks: list[str], corpus: str | None, max_train: int, max_eval: int, seed: int = 0) -> pd.DataFrame:

@@ -322,6 +322,11 @@ def _check_inputs(model, tok, train_examples, val_examples, cfg: FinetuneConfig,
         raise ValueError("finetune: no validation examples")
     if cfg.stage == "stage1" and cfg.mix_ratio > 0 and pretrain_tokens is None:
         raise ValueError(f"FinetuneConfig.mix_ratio: {cfg.mix_ratio} needs pretrain_tokens (a corpus train stream)")
+    if cfg.stage == "stage1" and cfg.mix_ratio > 0 and getattr(model, "hf_family", None) is not None:
+        raise ValueError(
+            f"FinetuneConfig.mix_ratio: {cfg.mix_ratio}: pretraining windows are ids of smoe_lab's corpus tokenizer, "
+            "a Hugging Face model has its own; use mix_ratio 0 (instruction mix only)"
+        )
     if cfg.stage == "stage2" and pretrain_tokens is not None:
         raise ValueError("finetune: stage2 trains on the task alone; pass pretrain_tokens only in stage1")
     return block

@@ -166,7 +166,9 @@ class PruningNotebook(NotebookParams):
 
     NOTEBOOK = "03_pruning"
     backbone: str = "tiny"  # the backbone's name in tables ("354M" in the paper)
-    base_variant: str = "32e"
+    # a notebook 01 variant, a checkpoint folder or a Hugging Face folder / hub id; a list: one study per base, each
+    # reduced to the targets below its expert count (e.g. google/switch-base-8 ... -128)
+    base_variant: str | list[str] = "32e"
     reference_variants: list[str] = field(default_factory=lambda: ["dense", "8e"])
     seed: int = 0
     tasks: list[str] = field(default_factory=lambda: ["boolq"])
@@ -190,6 +192,19 @@ class PruningNotebook(NotebookParams):
 
         nb = self.NOTEBOOK
         self.out_dir = str(resolve_out_dir(self.out_dir))
+        bases = self.base_variant if isinstance(self.base_variant, list) else [self.base_variant]
+        if not bases or any(not isinstance(b, str) or not b for b in bases):
+            _err(
+                nb,
+                "base_variant",
+                f"must be a variant, checkpoint or hub id, or a list of them, got {self.base_variant!r}",
+            )
+        if not isinstance(self.reference_variants, list) or any(
+            not isinstance(v, str) for v in self.reference_variants
+        ):
+            _err(
+                nb, "reference_variants", f"must be a list of variants or checkpoints, got {self.reference_variants!r}"
+            )
         if not self.tasks:
             _err(nb, "tasks", "needs at least one task")
         for t in self.tasks:

@@ -53,6 +53,29 @@ def test_every_params_file_validates(nb, level):
     schema.from_dict(params)
 
 
+EXTRA_PARAM_FILES = sorted(
+    f
+    for nb in NOTEBOOK_PARAMS
+    for f in (paths.params_dir() / nb).glob("*.yaml")
+    if f.stem not in ("ci", "quick", "paper")
+)
+
+
+@pytest.mark.parametrize("f", EXTRA_PARAM_FILES, ids=lambda f: f"{f.parent.name}/{f.stem}")
+def test_every_other_params_file_validates(f):
+    """Parameter sets beyond the three levels (e.g. 03_pruning/switch.yaml, 05_replication/science.yaml); the
+    DeepSpeed pretraining file is a `smoe-lab pretrain --params` file (PretrainParams), not a notebook's."""
+    from smoe_lab.config import PretrainParams
+
+    params = load_yaml(f)
+    if f.name == "paper_deepspeed.yaml":
+        PretrainParams.from_dict(params)
+        return
+    schema = NOTEBOOK_PARAMS[f.parent.name]
+    schema.check_keys(params)
+    schema.from_dict(params)
+
+
 def test_bad_parameter_fails_before_anything_runs(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: bad\nbase: ci\nnotebooks:\n  01_pretrain: {varients: [1, 8]}\n")

@@ -1,13 +1,20 @@
 """Expert reduction: router-logit similarity, spectral clustering, permutation alignment and merging (UNCURL)."""
 
 from .align import (
+    BiasFreeExpertWeights,
     ExpertWeights,
+    GatedExpertWeights,
     align_expert,
     align_experts,
     align_pairs,
     alignment_cost,
+    bias_free_alignment_cost,
+    bias_free_expert_forward,
     check_expert,
+    expert_alignment_cost,
     expert_forward,
+    gated_alignment_cost,
+    gated_expert_forward,
     permute_expert,
 )
 from .merge import merge_cluster, merge_experts, normalize_weights, stack_experts, unstack_experts
@@ -26,7 +33,14 @@ from .spectral import (
 from .stability import cluster_stability
 
 __all__ = [
+    "BiasFreeExpertWeights",
     "ExpertWeights",
+    "GatedExpertWeights",
+    "bias_free_alignment_cost",
+    "bias_free_expert_forward",
+    "expert_alignment_cost",
+    "gated_alignment_cost",
+    "gated_expert_forward",
     "align_expert",
     "align_experts",
     "align_pairs",

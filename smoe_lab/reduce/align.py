@@ -54,7 +54,14 @@ def expert_forward(e: ExpertWeights, x: torch.Tensor) -> torch.Tensor:
 
 
 def permute_expert(e: ExpertWeights, perm: torch.Tensor) -> ExpertWeights:
-    """Reorder hidden units: unit b of the result is unit perm[b] of e. The expert's function is unchanged."""
+    """Reorder hidden units: unit b of the result is unit perm[b] of e. The expert's function is unchanged.
+
+    Also takes GatedExpertWeights and BiasFreeExpertWeights (permute_gated_expert, permute_bias_free_expert).
+    """
+    if isinstance(e, GatedExpertWeights):
+        return permute_gated_expert(e, perm)
+    if isinstance(e, BiasFreeExpertWeights):
+        return permute_bias_free_expert(e, perm)
     return ExpertWeights(e.w_in[:, perm], e.b_in[perm], e.w_out[perm, :], e.b_out)
 
 
@@ -90,8 +97,9 @@ def align_expert(expert: ExpertWeights, reference: ExpertWeights) -> torch.Tenso
 
     Maximises sum_b C[perm[b], b]: hidden unit b of the permuted expert is the expert's unit perm[b], matched to the
     reference's unit b. A reference aligned to itself gives the identity (up to exactly tied units).
+    Also takes the Hugging Face expert layouts (GatedExpertWeights, BiasFreeExpertWeights; see below).
     """
-    return _best_assignment(alignment_cost(expert, reference))
+    return _best_assignment(expert_alignment_cost(expert, reference))
 
 
 @contextmanager
@@ -127,3 +135,93 @@ def align_pairs(pairs: Sequence[tuple[ExpertWeights, ExpertWeights]], workers: i
     workers = min(workers, len(pairs))
     with _torch_threads(max(1, torch.get_num_threads() // workers)), ThreadPoolExecutor(workers) as pool:
         return list(pool.map(lambda pair: align_expert(*pair), pairs))
+
+
+# -- Hugging Face expert layouts (smoe_lab.hf): SwiGLU experts of the fused decoders, T5's bias-free ReLU experts ------
+class GatedExpertWeights(NamedTuple):
+    """A SwiGLU expert in the nn.Linear layout of transformers' fused experts (OLMoE, Qwen-MoE, Mixtral):
+    down(act(x W_gate^T) * (x W_up^T)); W_gate / W_up are rows [0, f) / [f, 2f) of `gate_up_proj[e]` [2f, d_model]
+    and W_down is `down_proj[e]` [d_model, f]."""
+
+    w_gate: torch.Tensor  # [d_ff, d_model]
+    w_up: torch.Tensor  # [d_ff, d_model]
+    w_down: torch.Tensor  # [d_model, d_ff]
+
+
+class BiasFreeExpertWeights(NamedTuple):
+    """A T5 / Switch Transformers expert (`wi`, `wo`, no biases) in the nn.Linear layout: wo(act(wi x))."""
+
+    wi: torch.Tensor  # [d_ff, d_model]
+    wo: torch.Tensor  # [d_model, d_ff]
+
+
+def check_gated_expert(e: GatedExpertWeights, name: str = "expert") -> tuple[int, int]:
+    """(d_model, d_ff) of a well-formed SwiGLU expert; ValueError naming the first inconsistent field."""
+    if e.w_gate.ndim != 2:
+        raise ValueError(f"{name}.w_gate must be [d_ff, d_model], got shape {tuple(e.w_gate.shape)}")
+    d_ff, d_model = e.w_gate.shape
+    for field, shape in {"w_up": (d_ff, d_model), "w_down": (d_model, d_ff)}.items():
+        if tuple(getattr(e, field).shape) != shape:
+            raise ValueError(f"{name}.{field} must have shape {shape}, got {tuple(getattr(e, field).shape)}")
+    return d_model, d_ff
+
+
+def check_bias_free_expert(e: BiasFreeExpertWeights, name: str = "expert") -> tuple[int, int]:
+    """(d_model, d_ff) of a well-formed bias-free expert; ValueError naming the inconsistent field."""
+    if e.wi.ndim != 2:
+        raise ValueError(f"{name}.wi must be [d_ff, d_model], got shape {tuple(e.wi.shape)}")
+    d_ff, d_model = e.wi.shape
+    if tuple(e.wo.shape) != (d_model, d_ff):
+        raise ValueError(f"{name}.wo must have shape {(d_model, d_ff)}, got {tuple(e.wo.shape)}")
+    return d_model, d_ff
+
+
+def _same_shape(check, expert, reference) -> None:
+    a, b = check(expert, "expert"), check(reference, "reference")
+    if a != b:
+        raise ValueError(f"expert and reference differ in shape: (d_model, d_ff) = {a} vs {b}")
+
+
+def gated_alignment_cost(expert: GatedExpertWeights, reference: GatedExpertWeights) -> torch.Tensor:
+    """C [d_ff, d_ff] float64 over all three matrices: C[a, b] = <gate_a, ref.gate_b> + <up_a, ref.up_b>
+    + <down[:, a], ref.down[:, b]>. Gate and up rows move together with the down column (one hidden unit)."""
+    _same_shape(check_gated_expert, expert, reference)
+    e, r = (GatedExpertWeights(*(t.to(torch.float64) for t in x)) for x in (expert, reference))
+    return e.w_gate @ r.w_gate.T + e.w_up @ r.w_up.T + e.w_down.T @ r.w_down  # [d_ff, d_ff]
+
+
+def bias_free_alignment_cost(expert: BiasFreeExpertWeights, reference: BiasFreeExpertWeights) -> torch.Tensor:
+    """C [d_ff, d_ff] float64: C[a, b] = <wi_a, ref.wi_b> + <wo[:, a], ref.wo[:, b]>."""
+    _same_shape(check_bias_free_expert, expert, reference)
+    e, r = (BiasFreeExpertWeights(*(t.to(torch.float64) for t in x)) for x in (expert, reference))
+    return e.wi @ r.wi.T + e.wo.T @ r.wo  # [d_ff, d_ff]
+
+
+def expert_alignment_cost(expert, reference) -> torch.Tensor:
+    """The alignment cost for the experts' layout (ExpertWeights, GatedExpertWeights or BiasFreeExpertWeights)."""
+    for kind, cost in ((GatedExpertWeights, gated_alignment_cost), (BiasFreeExpertWeights, bias_free_alignment_cost)):
+        if isinstance(expert, kind) or isinstance(reference, kind):
+            if not (isinstance(expert, kind) and isinstance(reference, kind)):
+                got = f"{type(expert).__name__} and {type(reference).__name__}"
+                raise ValueError(f"expert and reference must both be {kind.__name__}, got {got}")
+            return cost(expert, reference)
+    return alignment_cost(expert, reference)
+
+
+def permute_gated_expert(e: GatedExpertWeights, perm: torch.Tensor) -> GatedExpertWeights:
+    """Hidden unit b of the result is unit perm[b] of e: gate and up rows and the down column move together."""
+    return GatedExpertWeights(e.w_gate[perm], e.w_up[perm], e.w_down[:, perm])
+
+
+def permute_bias_free_expert(e: BiasFreeExpertWeights, perm: torch.Tensor) -> BiasFreeExpertWeights:
+    return BiasFreeExpertWeights(e.wi[perm], e.wo[:, perm])
+
+
+def gated_expert_forward(e: GatedExpertWeights, x: torch.Tensor, act=F.silu) -> torch.Tensor:
+    """down(act(x W_gate^T) * (x W_up^T)) for x [..., d_model] -> [..., d_model] (SiLU: SwiGLU)."""
+    return (act(x @ e.w_gate.T) * (x @ e.w_up.T)) @ e.w_down.T
+
+
+def bias_free_expert_forward(e: BiasFreeExpertWeights, x: torch.Tensor, act=F.relu) -> torch.Tensor:
+    """wo(act(wi x)) for x [..., d_model] -> [..., d_model] (ReLU: T5 / Switch Transformers)."""
+    return act(x @ e.wi.T) @ e.wo.T

@@ -7,16 +7,39 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from .align import ExpertWeights, align_experts, check_expert, permute_expert
+from .align import (
+    BiasFreeExpertWeights,
+    ExpertWeights,
+    GatedExpertWeights,
+    align_experts,
+    check_bias_free_expert,
+    check_expert,
+    check_gated_expert,
+    permute_expert,
+)
 
 
 def _check_same_shape(experts: Sequence[ExpertWeights]) -> None:
     if len(experts) < 1:
         raise ValueError("need at least one expert")
+    if isinstance(experts[0], (GatedExpertWeights, BiasFreeExpertWeights)):
+        return _check_same_layout(experts)
     shape = check_expert(experts[0], "experts[0]")
     for i, e in enumerate(experts[1:], start=1):
         if check_expert(e, f"experts[{i}]") != shape:
             raise ValueError(f"experts[{i}] has (d_model, d_ff) = {check_expert(e)}, experts[0] has {shape}")
+
+
+def _check_same_layout(experts: Sequence[GatedExpertWeights | BiasFreeExpertWeights]) -> None:
+    """Every expert has the layout (type) and field shapes of experts[0] (the Hugging Face layouts)."""
+    kind = type(experts[0])
+    check = check_gated_expert if kind is GatedExpertWeights else check_bias_free_expert
+    shape = check(experts[0], "experts[0]")
+    for i, e in enumerate(experts[1:], start=1):
+        if type(e) is not kind:
+            raise ValueError(f"experts[{i}] is {type(e).__name__}, experts[0] is {kind.__name__}")
+        if check(e, f"experts[{i}]") != shape:
+            raise ValueError(f"experts[{i}] has (d_model, d_ff) = {check(e)}, experts[0] has {shape}")
 
 
 def _as_weights(weights: Sequence[float] | np.ndarray | torch.Tensor, n: int) -> torch.Tensor:
@@ -72,14 +95,15 @@ def merge_experts(
 ) -> ExpertWeights:
     """Weighted average of (already aligned) experts; weights as in `normalize_weights`.
 
-    Accumulates in float64 and returns the first expert's dtype.
+    Accumulates in float64 and returns the first expert's dtype and layout (every field is averaged).
     """
     _check_same_shape(experts)
     w = normalize_weights(weights, len(experts))  # [E]
-    dtype = experts[0].w_in.dtype
-    stacked = stack_experts(experts)  # 4 x [E, ...]
+    dtype = experts[0][0].dtype
+    kind = type(experts[0])  # ExpertWeights, or a Hugging Face layout (GatedExpertWeights, BiasFreeExpertWeights)
+    stacked = (torch.stack([e[k] for e in experts]) for k in range(len(experts[0])))  # fields x [E, ...]
     merged = (torch.tensordot(w.to(t.device), t.to(torch.float64), dims=1).to(dtype) for t in stacked)
-    return ExpertWeights(*merged)
+    return kind(*merged)
 
 
 def merge_cluster(

@@ -103,6 +103,7 @@ class ReductionReport:
     seconds: dict[str, float]
     peak_rss_mb: float
     calibration: dict[str, Any]
+    frequency: str = "selection"  # which per-expert weights the methods used (layer_frequencies)
 
     def summary(self) -> list[dict[str, Any]]:
         return [lr.summary() for lr in self.layers]
@@ -116,6 +117,7 @@ class ReductionReport:
             "seconds": self.seconds,
             "peak_rss_mb": self.peak_rss_mb,
             "calibration": self.calibration,
+            "frequency": self.frequency,
             "layers": [
                 {**lr.summary(), "labels": lr.labels.tolist(), "frequencies": lr.frequencies.tolist()}
                 for lr in self.layers
@@ -214,6 +216,9 @@ def plan_layers(
 
 # -- weights -------------------------------------------------------------------------------------------------------
 def layer_experts(layer) -> list[ExpertWeights]:
+    """The layer's experts, one NamedTuple each (a Hugging Face layer gives its own layout, see smoe_lab.hf)."""
+    if hasattr(layer, "expert_weights"):
+        return layer.expert_weights()
     e = layer.experts
     return unstack_experts(e.w_in.detach(), e.b_in.detach(), e.w_out.detach(), e.b_out.detach())
 
@@ -235,7 +240,7 @@ def merge_groups(
     out = []
     for members, centre in zip(groups, plan.centres):
         if not plan.merge or len(members) == 1:
-            out.append(ExpertWeights(*(t.clone() for t in experts[centre])))
+            out.append(type(experts[centre])(*(t.clone() for t in experts[centre])))
         else:
             out.append(merge_experts([aligned.get(m, experts[m]) for m in members], freq[members]))
     return out, t1 - t0, time.perf_counter() - t1
@@ -255,6 +260,39 @@ def _new_router(old_w: torch.Tensor, freq: np.ndarray, plan: LayerPlan, option: 
         w = normalize_weights(freq[members], len(members)).to(old_w.dtype)  # [m]
         rows.append(w @ old_w[members])
     return torch.stack(rows)
+
+
+def _fill_layer(new_layer, experts: list, router_weight: torch.Tensor) -> None:
+    """Write a reduced layer's experts [D] and router weight [D, d_model] into the new model's layer."""
+    if hasattr(new_layer, "set_experts"):  # a Hugging Face layer (smoe_lab.hf) writes its own layout
+        new_layer.set_experts(experts, router_weight)
+        return
+    w_in, b_in, w_out, b_out = stack_experts(experts)
+    with torch.no_grad():
+        new_layer.experts.w_in.copy_(w_in)
+        new_layer.experts.b_in.copy_(b_in)
+        new_layer.experts.w_out.copy_(w_out)
+        new_layer.experts.b_out.copy_(b_out)
+        new_layer.router.weight.copy_(router_weight)
+
+
+FREQUENCIES = ("selection", "gate_mass")
+
+
+def layer_frequencies(stats, frequency: str = "selection") -> np.ndarray:
+    """[Z] expert weights of one layer that every method ranks and averages with (they sum to 1).
+
+    selection: the share of the layer's routing selections (top-1: the activation frequency of the paper; top-k:
+    each token's k choices count once each, so the shares are over k * tokens). gate_mass: the share of the summed
+    routing weights each expert received (REAP-style saliency; for top-1 the softmax probability of the argmax).
+    """
+    if frequency == "selection":
+        return stats.frequencies.numpy()
+    if frequency == "gate_mass":
+        if stats.gate_mass is None:
+            raise ValueError("this calibration artifact has no gate mass: calibrate the checkpoint again")
+        return stats.gate_shares.numpy()
+    raise ValueError(f"unknown frequency {frequency!r}; known: {list(FREQUENCIES)}")
 
 
 def _compose_maps(prev: list[list[int]] | None, labels: list[np.ndarray]) -> list[list[int]]:
@@ -288,13 +326,17 @@ def reduce_model(
     n_init: int = 10,
     stability_seeds: tuple[int, ...] = (),
     progress: bool = False,
+    frequency: str = "selection",
     **options: Any,
 ):
     """-> (new model with exactly num_experts experts per MoE layer, ReductionReport).
 
     calibration: a Calibration artifact made from this very model, or an iterable of token-id batches [B, T]
     (or (idx, mask) pairs) that is calibrated here. num_experts: int (every layer) or a per-layer list; for
-    `mcsmoe` their sum is the global budget. Bad input raises ValueError and changes nothing.
+    `mcsmoe` their sum is the global budget. frequency: the per-expert weights every method ranks and averages
+    with (`layer_frequencies`: "selection" shares, the paper's frequencies, or "gate_mass"). A Hugging Face model
+    (smoe_lab.hf) is reduced the same way into a new model of its own class. Bad input raises ValueError and changes
+    nothing.
     """
     from ..model import GPT
 
@@ -304,6 +346,8 @@ def reduce_model(
         raise ValueError(f"unknown reduction method {method!r}; known: {list(METHODS)}")
     if router not in ROUTER_OPTIONS:
         raise ValueError(f"unknown router option {router!r}; known: {list(ROUTER_OPTIONS)}")
+    if frequency not in FREQUENCIES:
+        raise ValueError(f"unknown frequency {frequency!r}; known: {list(FREQUENCIES)}")
     layers = model.moe_layers()
     if not layers:
         raise ValueError("reduce_model: the model has no MoE layers (dense model)")
@@ -324,27 +368,22 @@ def reduce_model(
     t0 = time.perf_counter()
     sims = [np.asarray(similarity_from_gram(s.gram)) for s in cal.layers]
     seconds["similarity"] = time.perf_counter() - t0
-    freqs = [s.frequencies.numpy() for s in cal.layers]
+    freqs = [layer_frequencies(s, frequency) for s in cal.layers]
     plans = plan_layers(sims, freqs, method, targets, seed=seed, n_init=n_init)
     new_counts = [len(p.centres) for p in plans]
-    new_cfg = model.config.replace(
-        num_experts=new_counts, expert_map=_compose_maps(model.config.expert_map, [p.labels for p in plans])
-    )
-    new = GPT(new_cfg)
-    moe_prefixes = [f"transformer.h.{b}.mlp." for b in model.config.moe_block_indices]
-    shared = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(moe_prefixes))}
-    new.load_state_dict(shared, strict=False)  # everything but the MoE layers, which are filled below
+    expert_map = _compose_maps(model.config.expert_map, [p.labels for p in plans])
+    if hasattr(model, "reduced_skeleton"):  # a Hugging Face model (smoe_lab.hf): its own classes and layout
+        new = model.reduced_skeleton(new_counts, expert_map)
+    else:
+        new = GPT(model.config.replace(num_experts=new_counts, expert_map=expert_map))
+        moe_prefixes = [f"transformer.h.{b}.mlp." for b in model.config.moe_block_indices]
+        shared = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(moe_prefixes))}
+        new.load_state_dict(shared, strict=False)  # everything but the MoE layers, which are filled below
     reports = []
     for i, (layer, new_layer, plan) in enumerate(zip(layers, new.moe_layers(), plans)):
         experts, t_align, t_merge = merge_groups(layer_experts(layer), freqs[i], plan, workers)
-        w_in, b_in, w_out, b_out = stack_experts(experts)
         r = _new_router(layer.router.weight.detach(), freqs[i], plan, router, seed * 1000 + i)
-        with torch.no_grad():
-            new_layer.experts.w_in.copy_(w_in)
-            new_layer.experts.b_in.copy_(b_in)
-            new_layer.experts.w_out.copy_(w_out)
-            new_layer.experts.b_out.copy_(b_out)
-            new_layer.router.weight.copy_(r)
+        _fill_layer(new_layer, experts, r)
         sil = cluster_silhouette(plan.embedding, plan.labels) if plan.embedding is not None else float("nan")
         gap = eigengap(plan.eigenvalues, len(plan.centres)) if plan.eigenvalues is not None else float("nan")
         stab = cluster_stability(sims[i], len(plan.centres), seeds=stability_seeds) if stability_seeds else float("nan")
@@ -380,5 +419,6 @@ def reduce_model(
         seconds={k: round(v, 4) for k, v in seconds.items()},
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         calibration=cal.manifest,
+        frequency=frequency,
     )
     return new, report
