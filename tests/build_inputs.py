@@ -41,13 +41,18 @@ def write_cc100(path: Path, docs: list[str]) -> list[str]:
     return [clean_document("\n".join(as_paragraphs(d))) for d in docs]
 
 
-def write_mix(root: Path, c4_files: int = 2, docs_per_file: int = 40, cc100_docs: int = 80) -> dict[str, list[list[str]]]:
+def write_mix(
+    root: Path, c4_files: int = 2, docs_per_file: int = 40, cc100_docs: int = 80
+) -> dict[str, list[list[str]]]:
     """root/c4/c4-train.0000N-of-0000M.json.gz (news) and root/cc100/en.txt.xz (legal + biomed).
 
     Returns {source: [documents of each file, in file order]}."""
     news = shipped_docs("news", 0, c4_files * docs_per_file)
     c4 = [
-        write_c4(root / "c4" / f"c4-train.{i:05d}-of-{c4_files:05d}.json.gz", news[i * docs_per_file : (i + 1) * docs_per_file])
+        write_c4(
+            root / "c4" / f"c4-train.{i:05d}-of-{c4_files:05d}.json.gz",
+            news[i * docs_per_file : (i + 1) * docs_per_file],
+        )
         for i in range(c4_files)
     ]
     half = cc100_docs // 2

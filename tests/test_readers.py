@@ -60,7 +60,12 @@ def test_cc100_documents_split_at_blank_lines(tmp_path):
     with lzma.open(path, "wt", encoding="utf-8") as f:
         f.write(raw)
     got = list(readers.iter_documents(str(path)))
-    assert [t for t, _ in got] == ["Para one.\nPara two of doc 1.", "Doc 2 only para.", "Doc 3 first.", "Doc 4 has no final blank"]
+    assert [t for t, _ in got] == [
+        "Para one.\nPara two of doc 1.",
+        "Doc 2 only para.",
+        "Doc 3 first.",
+        "Doc 4 has no final blank",
+    ]
     # the end offsets resume exactly: reading from a document's end gives the documents after it
     for k, (_, end) in enumerate(got):
         assert [t for t, _ in readers.iter_documents(str(path), start=end)] == [t for t, _ in got[k + 1 :]]

@@ -441,6 +441,11 @@ def build_file(task: FileTask) -> dict:
             writer = None
     except _Stop:
         pass
+    except ValueError:  # a damaged input: none of its shards can be trusted (a fixed file is rebuilt anyway)
+        for man in ([val] if val else []) + parts + ([{"shard": "val.bin"}] if task.need_val else []):
+            (folder / man["shard"]).unlink(missing_ok=True)
+            (folder / man["shard"]).with_suffix(".json").unlink(missing_ok=True)
+        raise
     finally:
         if writer is not None:
             writer.discard()
@@ -911,18 +916,12 @@ def _finalize(
         by_source[src.name] = {"train": src.budget, "val": val["tokens"], "heldout": 0}
         docs[src.name] = {"available": None, "train": n_docs, "val": val["docs"], "heldout": 0, "dropped_by_cap": 0}
         inputs[src.name] = [st.parts[0]["input"] if st.parts else st.val["input"] for st in sts[: last + 1]]
-    # val.bin: the sources' validation shards concatenated in source order
+    # val.bin: the sources' validation shards concatenated in source order (kept when it already holds that)
     h = hashlib.sha256()
-    tmp = out / f".val.bin.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        for src in sources:
-            with open(out / val_files[src.name], "rb") as v:
-                while chunk := v.read(1 << 24):
-                    f.write(chunk)
-                    h.update(chunk)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, out / "val.bin")
+    for src in sources:
+        h.update((out / val_files[src.name]).read_bytes())
+    if not (out / "val.bin").is_file() or readers.sha256_file(str(out / "val.bin")) != h.hexdigest():
+        atomic_write_bytes(out / "val.bin", b"".join((out / val_files[s.name]).read_bytes() for s in sources))
     val_total = sum(by_source[s.name]["val"] for s in sources)
     meta = {
         "format_version": FORMAT_VERSION,
