@@ -361,7 +361,8 @@ def resolve_corpus(spec: str | Path):
     if (paths.prepared_dir() / str(spec) / "meta.json").is_file():
         return open_corpus(paths.prepared_dir() / str(spec))
     raise FileNotFoundError(
-        f"corpus not found: {spec!r} is neither a prepared corpus folder nor a recipe {sorted(RECIPES)}"
+        f"corpus not found: {spec!r} is neither a prepared corpus folder, a recipe {sorted(RECIPES)}, nor a corpus "
+        f"built under {paths.prepared_dir()} (`smoe-lab data build --out {paths.prepared_dir() / str(spec)} ...`)"
     )
 
 
