@@ -193,7 +193,7 @@ def test_sigkill_then_rerun_gives_byte_identical_shards(tmp_path):
         "--source",
         f"c4={tmp_path}/in/c4-*.json.gz",
         "--tokens",
-        "400k",
+        "250k",
         "--val-tokens",
         "5k",
         "--shard-tokens",
@@ -217,7 +217,7 @@ def test_sigkill_then_rerun_gives_byte_identical_shards(tmp_path):
     again = build(
         killed,
         {"c4": [f"{tmp_path}/in/c4-*.json.gz"]},
-        tokens="400k",
+        tokens="250k",
         val_tokens="5k",
         shard_tokens=4000,
         workers=2,
@@ -227,7 +227,7 @@ def test_sigkill_then_rerun_gives_byte_identical_shards(tmp_path):
     clean = build(
         tmp_path / "clean",
         {"c4": [f"{tmp_path}/in/c4-*.json.gz"]},
-        tokens="400k",
+        tokens="250k",
         val_tokens="5k",
         shard_tokens=4000,
         workers=1,
@@ -238,7 +238,7 @@ def test_sigkill_then_rerun_gives_byte_identical_shards(tmp_path):
     assert {k: v for k, v in again.meta.items() if k not in strip} == {
         k: v for k, v in clean.meta.items() if k not in strip
     }
-    assert not list(killed.rglob("*.tmp-*"))
+    assert not list(killed.rglob(".*.tmp*"))
 
 
 def _cli_error(capsys, argv) -> str:

@@ -506,12 +506,17 @@ def _same_input(man: dict, path: str, size: int, mtime: int | None) -> bool:
     return inp.get("sha256") == _HASHES[path]
 
 
+def _remove_temporaries(folder: Path) -> None:
+    """Files a killed build left half-written: shards (`.x.bin.tmp-PID`) and atomic writes (`.x.json.XXXX.tmp`)."""
+    for tmp in list(folder.glob(".*.tmp-*")) + list(folder.glob(".*.tmp")):
+        tmp.unlink(missing_ok=True)
+
+
 def _scan(out: Path, src: Source, settings: Settings, states: list[FileState]) -> None:
     """Load the finished shards of a source's files; delete stale ones (other input, other settings)."""
     folder = out / src.dir
     folder.mkdir(parents=True, exist_ok=True)
-    for tmp in folder.glob(".*.tmp-*"):
-        tmp.unlink(missing_ok=True)
+    _remove_temporaries(folder)
     by_file: dict[int, dict[int, dict]] = {}
     for path in folder.glob("train-*.json"):
         m = _TRAIN.match(path.name)
@@ -733,6 +738,8 @@ def build(
     sources: {name: [path or glob, ...]} or ["name=glob", ...]. tokens: train tokens N over all sources (shares by
     `weights`, default equal). val_tokens: validation tokens per source. seed: the sample plan's seed, recorded in
     meta.json (shards do not depend on it). Bad input raises ValueError / FileNotFoundError before anything is written.
+    With workers > 1 the processes come from a multiprocessing fork server: a script that calls this needs the usual
+    `if __name__ == "__main__":` guard (the `smoe-lab` command and notebooks need nothing).
     """
     t0 = time.perf_counter()
     patterns = parse_sources(sources) if not isinstance(sources, Mapping) else {k: list(v) for k, v in sources.items()}
@@ -761,6 +768,8 @@ def build(
     try:
         with _Lock(out):
             (out / "meta.json").unlink(missing_ok=True)  # incomplete until the new one lands
+            for folder in (out, out / TOKENIZER_DIR):
+                _remove_temporaries(folder)
             _write_build_json(out, settings, srcs, tokens)
             tok_meta = _write_tokenizer(out)
             states = {}
@@ -779,8 +788,8 @@ def build(
         if created and not any(p for s in srcs for p in (out / s.dir).glob("*.json")):
             shutil.rmtree(out, ignore_errors=True)  # nothing finished: leave nothing behind
         else:
-            for tmp in out.glob("*/.*.tmp-*"):
-                tmp.unlink(missing_ok=True)
+            for folder in [out, out / TOKENIZER_DIR, *(out / s.dir for s in srcs)]:
+                _remove_temporaries(folder)
         raise
     return BuildReport(out, meta, built, reused, time.perf_counter() - t0)
 
@@ -915,7 +924,10 @@ def _finalize(
         val_files[src.name] = f"{src.dir}/val.bin"
         by_source[src.name] = {"train": src.budget, "val": val["tokens"], "heldout": 0}
         docs[src.name] = {"available": None, "train": n_docs, "val": val["docs"], "heldout": 0, "dropped_by_cap": 0}
-        inputs[src.name] = [st.parts[0]["input"] if st.parts else st.val["input"] for st in sts[: last + 1]]
+        inputs[src.name] = [
+            st.parts[0]["input"] if st.parts else st.val["input"] if st.val else {"path": st.path, "size": st.size}
+            for st in sts[: last + 1]
+        ]
     # val.bin: the sources' validation shards concatenated in source order (kept when it already holds that)
     h = hashlib.sha256()
     for src in sources:
