@@ -113,6 +113,12 @@ def test_token_counts_equal_direct_encoding_plus_one_eot_per_document(built, mix
     assert c.is_sharded and c.tokenizer.encode("Hello world") == [15496, 995] and c.vocab_size == 50257
     assert len(c.split("train")) == 50_000 and len(c.split("val")) == meta["tokens"]["val"]
     np.testing.assert_array_equal(np.asarray(c.split("val_cc100")), _read(out / "cc100" / "val.bin"))
+    # split("train") is one stream over the used prefix of every shard, sources in order (get_batch reads it)
+    flat = np.concatenate([_read(out / s["file"])[: s["used"]] for n in meta["domains"] for s in meta["shards"][n]])
+    train = c.split("train")
+    pos = np.array([[0, 1, 2], [24_999, 25_000, 25_001], [49_997, 49_998, 49_999]])
+    np.testing.assert_array_equal(train[pos], flat[pos])
+    np.testing.assert_array_equal(train[24_990:25_010], flat[24_990:25_010])
     assert meta["sources"]["cc100"]["licence"].startswith("unknown") and meta["tokenizer"]["sha256"]["vocab.bpe"]
 
 
