@@ -29,7 +29,6 @@ import json
 import lzma
 import multiprocessing as mp
 import os
-import resource
 import shutil
 import statistics
 import tempfile
@@ -197,8 +196,6 @@ def main(argv=None) -> None:
         print(f"   .json.gz (C4/mC4)  {spread(per['c4'])}")
         print(f"   .txt.xz  (CC100)   {spread(per['cc100'])}")
         print(f"   mean of the two    {spread(both)}   (goal: >= 1M per core)")
-        rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        print(f"   peak memory of this process so far: {rss:.0f} MB (streaming: it does not grow with the files)")
 
         cc_tokens = _available(files["cc100"][:1]) + 100_000
         threaded = [bench_one_process(files["cc100"][0], tmp, threads=args.workers) for _ in range(args.rounds)]
