@@ -135,6 +135,9 @@ def test_stop_reading_a_source_at_its_share(built, mix):
     root, _ = mix
     cc = [json.loads(p.read_text()) for p in sorted((out / "cc100").glob("train-*.json"))]
     assert not cc[-1]["eof"]  # cc100's single file was left unread past its share
+    c4 = [json.loads(p.read_text()) for p in sorted((out / "c4").glob("train-00000-*.json"))]
+    assert [m["eof"] for m in c4] == [False] * (len(c4) - 1) + [True]  # c4's first file was read to its end
+    assert all(a["end_offset"] == b["start_offset"] for a, b in zip(c4, c4[1:]))  # contiguous byte ranges
     raw = __import__("lzma").decompress((root / "cc100" / "en.txt.xz").read_bytes())
     assert cc[-1]["end_offset"] < len(raw)
     used = [s["used"] for s in rep.meta["shards"]["cc100"]]

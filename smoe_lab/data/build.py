@@ -403,21 +403,24 @@ def build_file(task: FileTask) -> dict:
 
     val = None
     eof = False
+    ahead: list = []  # one document read ahead: whether a shard is the file's last depends on the file alone
+
+    def next_doc():
+        return ahead.pop() if ahead else next(docs, None)
+
     try:
         if needed_so_far():
             raise _Stop
         docs = _encoded_documents(task, task.start_offset, on_batch)
         if task.need_val:
             writer = ShardWriter(folder, "val", task.start_offset)
-            for ids, end in docs:
-                writer.add(ids, end)
-                if writer.tokens >= s.val_tokens:
-                    break
-            else:
-                raise ValueError(
-                    f"source {task.source!r}: its first input file {task.path} holds only {writer.tokens:,} tokens, "
-                    f"fewer than --val-tokens {s.val_tokens:,} (the validation set comes from the first file)"
-                )
+            while writer.tokens < s.val_tokens:
+                if (d := next_doc()) is None:
+                    raise ValueError(
+                        f"source {task.source!r}: its first input file {task.path} holds only {writer.tokens:,} "
+                        f"tokens, fewer than --val-tokens {s.val_tokens:,} (validation comes from the first file)"
+                    )
+                writer.add(*d)
             val = writer.finish(**common, split="val", file_index=task.file_index)
             writer = None
         while not eof:
@@ -425,14 +428,13 @@ def build_file(task: FileTask) -> dict:
                 raise _Stop
             start = parts[-1]["end_offset"] if parts else (val["end_offset"] if val else task.start_offset)
             writer = ShardWriter(folder, train_name(task.file_index, len(parts)), start)
-            eof = True
-            for ids, end in docs:
-                writer.add(ids, end)
+            while writer.tokens < s.shard_tokens and (d := next_doc()) is not None:
+                writer.add(*d)
                 progress[task.slot] = done_tokens + writer.tokens
-                if writer.tokens >= s.shard_tokens:
-                    eof = False
-                    break
-            if writer.docs == 0:  # the file ended exactly at a shard boundary
+            if (d := next_doc()) is not None:
+                ahead.append(d)
+            eof = d is None
+            if writer.docs == 0:  # nothing left after the validation set
                 writer.discard()
             else:
                 fields = dict(split="train", file_index=task.file_index, part=len(parts), eof=eof)
@@ -449,9 +451,6 @@ def build_file(task: FileTask) -> dict:
     finally:
         if writer is not None:
             writer.discard()
-    if eof and parts and not parts[-1]["eof"]:  # ended at a shard boundary: mark the last shard as the end
-        parts[-1]["eof"] = True
-        atomic_write_bytes(folder / f"{Path(parts[-1]['shard']).stem}.json", _manifest_bytes(parts[-1]))
     return {"slot": task.slot, "val": val, "parts": parts, "eof": eof}
 
 
