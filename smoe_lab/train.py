@@ -191,7 +191,7 @@ def fit(
         torch.set_rng_state(state["torch_rng"])
         start = int(state["step"])
         if hasattr(next_batch, "load_state_dict"):  # a data plan: continue at its consumed-sample count
-            next_batch.load_state_dict(state["data"])
+            next_batch.load_state_dict(state.get("data"))
     log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if resume else None)
     accum = cfg.grad_accum_steps
     tokens_per_step = 0

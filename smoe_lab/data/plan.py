@@ -343,7 +343,9 @@ class PlanLoader:
     def state_dict(self) -> dict:
         return {"consumed_samples": int(self.consumed), "plan": self.plan.fingerprint()}
 
-    def load_state_dict(self, state: Mapping) -> None:
+    def load_state_dict(self, state: Mapping | None) -> None:
+        if state is None:
+            raise ValueError("resume: the checkpoint holds no sample-plan state (it was not trained on a built corpus)")
         if state.get("plan") != self.plan.fingerprint():
             raise ValueError(
                 f"resume: the checkpoint's sample plan {state.get('plan')} is not this corpus's plan "

@@ -259,7 +259,7 @@ def fit(
             raise FileNotFoundError(f"--resume: DeepSpeed checkpoint {ds_dir / tag} could not be loaded")
         generator.set_state(state["generator"])
         if hasattr(next_batch, "load_state_dict"):  # consumed samples: the same on every rank
-            next_batch.load_state_dict(state["data"])
+            next_batch.load_state_dict(state.get("data"))
         rng_file = _rng_file(ds_dir, tag, rank)
         rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else {"torch": state["torch_rng"]}
         torch.set_rng_state(rng["torch"])
