@@ -128,6 +128,8 @@ def test_resume_at_a_consumed_count_gives_the_next_batches(plan, corpus_dir):
         PlanLoader(other, b).load_state_dict(state)
     with pytest.raises(ValueError, match="not a multiple"):
         PlanLoader(plan, 3).load_state_dict(state)
+    with pytest.raises(ValueError, match="no sample-plan state"):
+        PlanLoader(plan, b).load_state_dict(None)  # a checkpoint trained on a recipe corpus
 
 
 def test_built_corpus_resolves_by_folder_and_by_name(corpus_dir, tmp_path, monkeypatch):
