@@ -1,6 +1,7 @@
 """`smoe-lab` command line (also `python -m smoe_lab`).
 
     smoe-lab data prepare [--recipe tiny] [--force]
+    smoe-lab data build --out DIR --source NAME=GLOB ... --tokens N [--weights ...] [--workers K]
     smoe-lab pretrain --params FILE [--set key=value ...] [--resume]
     smoe-lab run quickstart | ci | quick | paper      (executes the notebooks with papermill into runs/<name>/)
     smoe-lab run --params FILE                        (a pipeline YAML: per-notebook parameters)
@@ -23,6 +24,12 @@ def _cmd_data(args: argparse.Namespace) -> None:
 
     path = prepare(args.recipe, force=args.force)
     print(f"prepared corpus: {path}")
+
+
+def _cmd_data_build(args: argparse.Namespace) -> None:
+    from .data.build import run_from_args
+
+    run_from_args(args)
 
 
 def _cmd_pretrain(args: argparse.Namespace) -> None:
@@ -209,6 +216,26 @@ def build_parser() -> argparse.ArgumentParser:
     dp.add_argument("--recipe", default="tiny", help="corpus recipe (tiny | small | gpt2)")
     dp.add_argument("--force", action="store_true", help="rebuild even if up to date")
     dp.set_defaults(func=_cmd_data)
+    db = dsub.add_parser("build", help="tokenize C4/mC4/CC100 files into a sharded GPT-2 corpus (parallel, resumable)")
+    db.add_argument("--out", required=True, help="output folder (a corpus usable as `corpus: DIR`)")
+    db.add_argument(
+        "--source",
+        action="append",
+        default=[],
+        metavar="NAME=PATH_OR_GLOB",
+        help="input files of one source, repeatable: .json.gz/.jsonl (C4, mC4), .txt.xz/.txt (CC100)",
+    )
+    db.add_argument("--weights", default=None, metavar="NAME=W,...", help="mixture weights (default: equal)")
+    db.add_argument("--tokens", required=True, help="train tokens N over all sources, e.g. 40B or 40000000000")
+    db.add_argument("--val-tokens", default="10M", help="validation tokens per source (default 10M)")
+    db.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
+    db.add_argument("--seed", type=int, default=0, help="the sample plan's seed, recorded in meta.json")
+    db.add_argument("--shard-tokens", default=str(2**27), help="tokens per shard (default 2^27)")
+    db.add_argument("--text-field", default="text", help="JSON Lines field holding the text (default: text)")
+    db.add_argument("--licence", action="append", default=[], metavar="NAME=TEXT", help="licence note of a source")
+    db.add_argument("--force", action="store_true", help="delete a previous build in --out and start again")
+    db.add_argument("--no-progress", action="store_true")
+    db.set_defaults(func=_cmd_data_build)
 
     t = sub.add_parser("pretrain", help="pretrain one dense or SMoE model")
     t.add_argument("--params", help="YAML with preset, model, train, corpus, num_experts, out_dir")

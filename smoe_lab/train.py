@@ -151,7 +151,9 @@ def fit(
 ) -> FitResult:
     """Optimise loss + aux for cfg.max_steps steps; each step accumulates cfg.grad_accum_steps micro-batches.
 
-    next_batch() draws one micro-batch using `generator` (whose state is checkpointed, so resume is exact).
+    next_batch() draws one micro-batch using `generator` (whose state is checkpointed, so resume is exact). It may
+    also be a checkpointable loader (smoe_lab.data.plan.PlanLoader: callable, with state_dict / load_state_dict,
+    the consumed-sample count), whose state is saved in the train state as "data" and restored on resume.
     Only parameters with requires_grad are optimised (router-only warm-up freezes the rest).
     Raises FloatingPointError on a non-finite loss, before anything is written for that step.
     cfg.engine == "deepspeed" runs the same loop through DeepSpeed over the launcher's ranks (smoe_lab.ds.engine).
@@ -189,6 +191,8 @@ def fit(
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
         start = int(state["step"])
+        if hasattr(next_batch, "load_state_dict"):  # a data plan: continue at its consumed-sample count
+            next_batch.load_state_dict(state.get("data"))
     log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if resume else None)
     accum = cfg.grad_accum_steps
     tokens_per_step = 0
@@ -203,6 +207,8 @@ def fit(
             "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(),
         }
+        if hasattr(next_batch, "state_dict"):
+            train_state["data"] = next_batch.state_dict()
         checkpoint.save(model, ck_path, train_state=train_state, tokenizer=tokenizer, step=step, **(meta or {}))
 
     bar = tqdm(range(start, cfg.max_steps), desc=desc, disable=not progress, initial=start, total=cfg.max_steps)
@@ -304,7 +310,6 @@ def pretrain(
             f"ModelConfig.vocab_size: {model_cfg.vocab_size} is smaller than the corpus tokenizer's "
             f"{corpus_obj.tokenizer.vocab_size}"
         )
-    train_tokens = corpus_obj.split("train")
     val_tokens = corpus_obj.split("val")
     device = resolve_device(train_cfg)
     torch.manual_seed(train_cfg.seed)
@@ -312,9 +317,16 @@ def pretrain(
     gen = torch.Generator().manual_seed(train_cfg.seed)
     t = model_cfg.block_size
 
-    def next_batch() -> Batch:
-        x, y = get_batch(train_tokens, train_cfg.micro_batch_size, t, gen)
-        return x, y, None
+    if corpus_obj.is_sharded:  # a `smoe-lab data build` corpus: its deterministic sample plan, resumed by count
+        from .data.plan import PlanLoader, SamplePlan
+
+        next_batch = PlanLoader(SamplePlan.from_corpus(corpus_obj, t, seed=train_cfg.seed), train_cfg.micro_batch_size)
+    else:
+        train_tokens = corpus_obj.split("train")
+
+        def next_batch() -> Batch:
+            x, y = get_batch(train_tokens, train_cfg.micro_batch_size, t, gen)
+            return x, y, None
 
     def evaluate(m: GPT) -> dict[str, float]:
         batches = iter_eval_batches(val_tokens, train_cfg.micro_batch_size, t, max_batches=train_cfg.eval_batches)

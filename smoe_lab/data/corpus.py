@@ -318,8 +318,19 @@ class Corpus:
     def vocab_size(self) -> int:
         return int(self.meta["tokenizer"]["vocab_size"])
 
+    @property
+    def is_sharded(self) -> bool:
+        """True for a corpus made by `smoe-lab data build` (train split in shards, read by smoe_lab.data.plan)."""
+        return bool(self.meta.get("shards"))
+
     def split(self, name: str) -> np.memmap | np.ndarray:
-        """Read-only token stream [N] of "train", "val" or "val_<domain>" (memory-mapped, dtype from meta)."""
+        """Read-only token stream [N] of "train", "val" or "val_<domain>" (memory-mapped, dtype from meta).
+
+        A built corpus's "train" is a `smoe_lab.data.plan.ShardedStream` over its shards (same indexing)."""
+        if name in self.meta.get("sharded_splits", ()):
+            from smoe_lab.data.plan import ShardedStream, corpus_shards
+
+            return ShardedStream(corpus_shards(self.path, self.meta), self.meta["dtype"])
         files = self.meta["files"]
         if name not in files or not files[name].endswith(".bin"):
             known = [k for k, v in files.items() if v.endswith(".bin")]
@@ -357,9 +368,12 @@ class Corpus:
 
 
 def open_corpus(dir_or_name: str | os.PathLike) -> Corpus:
-    """Open a prepared corpus folder, or a recipe name ("tiny") under `paths.prepared_dir()`."""
+    """Open a prepared corpus folder, or a name under `paths.prepared_dir()`: a recipe ("tiny") or a folder
+    made there by `smoe-lab data build` ("cc100-mc4-40b")."""
     path = Path(dir_or_name)
     if isinstance(dir_or_name, str) and dir_or_name in RECIPES and not path.exists():
+        path = paths.prepared_dir() / dir_or_name
+    elif isinstance(dir_or_name, str) and not path.exists() and (paths.prepared_dir() / dir_or_name).is_dir():
         path = paths.prepared_dir() / dir_or_name
     meta_path = path / "meta.json"
     if not path.is_dir():
@@ -376,7 +390,8 @@ def open_corpus(dir_or_name: str | os.PathLike) -> Corpus:
 
 
 def resolve_corpus(spec: str | os.PathLike | Corpus) -> Corpus:
-    """A Corpus as is, a prepared corpus folder, or a recipe name (prepared on first use)."""
+    """A Corpus as is, a prepared corpus folder, a recipe name (prepared on first use), or the name of a corpus built
+    under the prepared folder (`smoe-lab data build --out <data>/prepared/NAME`)."""
     if isinstance(spec, Corpus):
         return spec
     p = Path(spec)
@@ -384,8 +399,11 @@ def resolve_corpus(spec: str | os.PathLike | Corpus) -> Corpus:
         return open_corpus(p)
     if str(spec) in RECIPES:
         return open_corpus(prepare(str(spec)))
+    if (paths.prepared_dir() / str(spec) / "meta.json").is_file():
+        return open_corpus(paths.prepared_dir() / str(spec))
     raise FileNotFoundError(
-        f"corpus not found: {spec!r} is neither a prepared corpus folder nor a recipe {sorted(RECIPES)}"
+        f"corpus not found: {spec!r} is neither a prepared corpus folder, a recipe {sorted(RECIPES)}, nor a corpus "
+        f"built under {paths.prepared_dir()} (`smoe-lab data build --out {paths.prepared_dir() / str(spec)} ...`)"
     )
 
 

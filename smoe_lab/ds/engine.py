@@ -152,7 +152,10 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Adam
 
 # -- helpers of the loop ------------------------------------------------------------------------------------------
 def _draw(next_batch: Callable[[], Batch], rank: int, world: int) -> Batch:
-    """world_size micro-batches from the shared stream; this rank's is the rank-th."""
+    """world_size micro-batches from the shared stream; this rank's is the rank-th. A rank-aware loader
+    (smoe_lab.data.plan.PlanLoader) reads only this rank's slice of the global batch itself."""
+    if getattr(next_batch, "rank_aware", False):
+        return next_batch()
     mine = None
     for r in range(world):
         b = next_batch()
@@ -229,6 +232,8 @@ def fit(
     device = local_device(cfg)
     rank, world = rank_and_world()
     accum = grad_accum_steps(cfg, world)
+    if hasattr(next_batch, "set_rank"):  # a data plan: this rank's slice of every global batch
+        next_batch.set_rank(rank, world)
     model.to(device)
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=make_optimizer(model, cfg), config=ds_config(cfg, world, device.type)
@@ -253,6 +258,8 @@ def fit(
         if load_path is None:
             raise FileNotFoundError(f"--resume: DeepSpeed checkpoint {ds_dir / tag} could not be loaded")
         generator.set_state(state["generator"])
+        if hasattr(next_batch, "load_state_dict"):  # consumed samples: the same on every rank
+            next_batch.load_state_dict(state.get("data"))
         rng_file = _rng_file(ds_dir, tag, rank)
         rng = torch.load(rng_file, weights_only=True) if rng_file.is_file() else {"torch": state["torch_rng"]}
         torch.set_rng_state(rng["torch"])
@@ -286,6 +293,8 @@ def fit(
                 "torch_rng": torch.get_rng_state(),
                 "deepspeed_tag": tag,
             }
+            if hasattr(next_batch, "state_dict"):
+                train_state["data"] = next_batch.state_dict()
             weights = StateModel(state, native_config(model.config))
             extra = {**(meta or {}), "train_engine": engine_meta}
             checkpoint.save(weights, ck_path, train_state=train_state, tokenizer=tokenizer, step=step, **extra)
