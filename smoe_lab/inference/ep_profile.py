@@ -255,8 +255,12 @@ def validate(models: list[ProfileModel], cfg: ProfileConfig, device: str) -> Non
         why = (
             f"{limit} visible GPU(s), one per rank"
             if device == "cuda"
-            else f"{os.cpu_count()} CPU cores" + ("" if cfg.oversubscribe else "; --oversubscribe allows up to "
-                                                  f"{(os.cpu_count() or 1) * OVERSUBSCRIBE_FACTOR}")
+            else f"{os.cpu_count()} CPU cores"
+            + (
+                ""
+                if cfg.oversubscribe
+                else f"; --oversubscribe allows up to {(os.cpu_count() or 1) * OVERSUBSCRIBE_FACTOR}"
+            )
         )
         raise ValueError(f"--ranks {cfg.ranks[-1]}: more ranks than allowed on {device} ({why})")
     ep = cfg.ep_size if cfg.ranks[-1] > 1 else 1
@@ -553,6 +557,15 @@ def run_profile(
     return table
 
 
+def read_layers(out_dir: str | Path) -> pd.DataFrame:
+    """profile_layers.csv of a profile folder (empty when no model has MoE layers)."""
+    path = Path(out_dir) / "profile_layers.csv"
+    try:
+        return pd.read_csv(path)
+    except pd.errors.EmptyDataError:
+        return pd.DataFrame()
+
+
 def _reuse(out: Path, name: str, spec: dict[str, Any]) -> dict[str, Any] | None:
     res, old = out / "raw" / f"{name}.json", out / "raw" / f"{name}.spec.json"
     if not (res.is_file() and old.is_file()):
@@ -572,6 +585,7 @@ __all__ = [
     "launch_group",
     "max_ranks",
     "preset_models",
+    "read_layers",
     "run_profile",
     "summarize",
     "validate",

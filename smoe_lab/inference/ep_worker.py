@@ -14,8 +14,8 @@ experts; a checkpoint through `smoe_lab.ds.convert.load_as_deepspeed`), joins th
              MOELayer, plus forward hooks on the gate and the experts). Clean and instrumented passes are kept apart
              because DeepSpeed's timers synchronise the device inside the layer on GPUs;
     memory:  one more pass per model for its peak memory (CUDA: the caching allocator's peak above what was
-             allocated before, plus the model's own weights; CPU: torch.profiler's memory timeline, i.e. the
-             model's tensors alive at its peak, weights included).
+             allocated before, plus the model's own weights; CPU: the model's weights plus the peak of the pass's
+             allocations minus frees, from torch.profiler's allocation events).
 
 Rank 0 gathers every rank's numbers (tensor all_gather: gloo on CPU, NCCL on GPU) and writes the raw per-pass,
 per-rank arrays to the spec's `result` path as JSON (written to a temporary name, then renamed); the parent
@@ -173,23 +173,24 @@ def peak_memory_bytes(model, idx: torch.Tensor, device: torch.device) -> tuple[f
         _sync(device)
         return float(torch.cuda.max_memory_allocated(device) - before + weight_bytes(model)), "cuda-allocator"
     try:
+        from torch._C._profiler import _EventType
         from torch.profiler import ProfilerActivity, profile
-        from torch.profiler._memory_profiler import Action
 
-        with profile(activities=[ProfilerActivity.CPU], profile_memory=True, record_shapes=True, with_stack=True) as p:
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
             with torch.no_grad():
                 model(idx)
-        cur = peak = 0
-        for _, action, (key, _version), size in p._memory_profile().timeline:
-            if key.device.type != "cpu":
-                continue
-            if action in (Action.PREEXISTING, Action.CREATE):
-                cur += size
-            elif action == Action.DESTROY:
-                cur -= size
-            peak = max(peak, cur)
-        return float(peak), "cpu-profiler"
-    except Exception:  # a private torch API: report unavailable rather than a wrong number
+        events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+        while stack:  # every allocation (+bytes) and free (-bytes) of the pass, with its time
+            node = stack.pop()
+            if node.tag == _EventType.Allocation and node.extra_fields.device.type == "cpu":
+                events.append((node.start_time_ns, node.extra_fields.alloc_size))
+            stack.extend(node.children)
+        live = peak = 0
+        for _, size in sorted(events):
+            live += size
+            peak = max(peak, live)
+        return float(weight_bytes(model) + idx.numel() * idx.element_size() + peak), "cpu-profiler"
+    except Exception:  # torch.profiler's event tree is semi-private: report unavailable rather than a wrong number
         return float("nan"), "unavailable"
 
 
@@ -241,6 +242,7 @@ def _gather(values: list[float], device: torch.device) -> list[list[float]]:
 
 
 def main(spec_path: str) -> None:
+    t_start = time.perf_counter()
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(int(spec["threads"]))
     from ..ds.engine import init_distributed
@@ -248,6 +250,7 @@ def main(spec_path: str) -> None:
     init_distributed()
     hook_all_to_all()
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
+    seconds = {"start": time.perf_counter() - t_start}
     if world != spec["ranks"]:
         raise RuntimeError(f"launched with WORLD_SIZE={world}, spec wants {spec['ranks']} ranks")
     if spec["device"] == "cuda":
@@ -273,10 +276,12 @@ def main(spec_path: str) -> None:
                 "block_size": m.config.block_size,
             }
         )
+    seconds["build"] = time.perf_counter() - t_start - sum(seconds.values())
     g = torch.Generator().manual_seed(1_000_003 * spec["seed"] + rank)  # every rank its own batch
     vocab = min(m.config.vocab_size for m in models)
     idx = torch.randint(0, vocab, (spec["batch_size"], spec["seq_len"]), generator=g).to(device)
     runs = profile_models(models, probes, spec, idx, device)
+    seconds["profile"] = time.perf_counter() - t_start - sum(seconds.values())
     results = []
     for m, run, info, layer_probes in zip(models, runs, meta, probes):
         peak, source = peak_memory_bytes(m, idx, device) if spec["memory"] else (float("nan"), "off")
@@ -284,6 +289,8 @@ def main(spec_path: str) -> None:
         clock = torch.tensor(run["a2a_clock"], dtype=torch.float64).reshape(-1).tolist() if layer_probes else []
         gathered = _gather(run["clean"] + run["instrumented"] + stages + clock + [peak], device)
         results.append({**info, "moe_layers": len(layer_probes), "peak_source": source, "gathered": gathered})
+    seconds["memory+gather"] = time.perf_counter() - t_start - sum(seconds.values())
+    print(f"[rank {rank}] seconds: " + ", ".join(f"{k} {v:.1f}" for k, v in seconds.items()), flush=True)
     if rank == 0:
         doc = {"spec": {k: v for k, v in spec.items() if k != "models"}, "models": []}
         n = spec["reps"]
@@ -305,6 +312,7 @@ def main(spec_path: str) -> None:
                 )
             doc["models"].append({"label": entry["label"], **res, "ranks": per_rank})
         doc["torch"] = torch.__version__
+        doc["seconds"] = seconds
         doc["device_name"] = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
         out = Path(spec["result"])
         tmp = out.with_suffix(".tmp")

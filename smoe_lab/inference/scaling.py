@@ -18,9 +18,9 @@ The constants are the paper's Table 3 (fits of Eq. 1 for its three routing techn
 as transcribed in two independent public write-ups of the paper (the PDF itself was not reachable from the machine
 this was written on: check against it when you can). The paper also states N_cutoff = 937B (S-BASE), 85B (RL-R),
 83B (Hash), and that a 5M backbone with 128 experts is worth about a 55M dense model; tests/test_inference_scaling.py
-checks both against these functions (the cut-offs within the rounding of the 3-decimal b and c). S-BASE (Sinkhorn-balanced top-1) is the routing closest to the top-1 Switch /
-DeepSpeed-MoE routing used here, hence the default. The fits cover N from about 15M up: CPU-sized backbones are
-extrapolations and are labelled as such in the figures.
+checks both against these functions (the cut-offs within the rounding of the 3-decimal b and c). S-BASE
+(Sinkhorn-balanced top-1) is the routing closest to the top-1 Switch / DeepSpeed-MoE routing used here, hence the
+default. The fits cover N from about 15M up: CPU-sized backbones are extrapolations, labelled so in the figures.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ class RoutedScalingFit:
 
     def __post_init__(self) -> None:
         if not (1.0 < self.e_start < self.e_max):
-            raise ValueError(f"RoutedScalingFit {self.name}: need 1 < e_start < e_max, got {self.e_start}, {self.e_max}")
+            raise ValueError(f"RoutedScalingFit {self.name}: need 1 < e_start < e_max, got {self.e_start} {self.e_max}")
         if self.alpha(self.e_start) >= 0:
             raise ValueError(f"RoutedScalingFit {self.name}: the dense exponent a + c log E_start must be negative")
 
