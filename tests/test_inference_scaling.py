@@ -1,4 +1,4 @@
-"""Clark et al. 2022's routed scaling law (smoe_lab.inference.scaling): identities of Eq. 1 and values the paper states."""
+"""Clark et al. 2022's routed scaling law (smoe_lab.inference.scaling): Eq. 1 identities, values the paper states."""
 
 import math
 
