@@ -132,8 +132,10 @@ def _dtype(name: str) -> torch.dtype:
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def build_model(entry: dict[str, Any], ep_size: int):
-    """A model of the spec with DeepSpeed-MoE layers holding this rank's experts (dense models stay dense)."""
+def build_model(entry: dict[str, Any], ep_size: int, device: torch.device, dtype: torch.dtype):
+    """A model of the spec on `device` in `dtype`, with DeepSpeed-MoE layers holding this rank's experts (dense models
+    stay dense). A checkpoint is loaded on the CPU and moved; a preset is built on the meta device and initialised in
+    place on `device` (GPT-2's init from the device's RNG, seeded): a 354M+128e model never sits on the host."""
     from ..checkpoint import load
     from ..config import ModelConfig
     from ..ds.convert import load_as_deepspeed
@@ -141,15 +143,23 @@ def build_model(entry: dict[str, Any], ep_size: int):
 
     if entry.get("checkpoint"):
         model = load_as_deepspeed(entry["checkpoint"], ep_size) if entry["experts"] > 1 else load(entry["checkpoint"])
+        model = model.to(device=device, dtype=dtype)
     else:
         cfg = ModelConfig.from_dict(entry["config"])
         if cfg.is_moe:
             cfg = cfg.replace(moe_impl="deepspeed", ep_size=ep_size)
-        model = GPT(cfg, seed=entry.get("seed", 0))
+        with torch.device("meta"):
+            model = GPT(cfg)  # shapes only
+        model = model.to(dtype).to_empty(device=device)
+        if cfg.tie_embeddings:  # to_empty gives every parameter its own storage: tie again
+            model.lm_head.weight = model.transformer.wte.weight
+        torch.manual_seed(entry.get("seed", 0))
+        with torch.device(device), torch.no_grad():
+            model.init_weights(None)
     for layer in model.moe_layers():
         layer.set_deepspeed_parallelism()  # joins (or creates) the ep_size_<n> expert-parallel group
         layer.disable_telemetry()
-    return model
+    return model.eval()
 
 
 def weight_bytes(model) -> int:
@@ -262,7 +272,7 @@ def main(spec_path: str) -> None:
     clock = _Clock(device)
     models, probes, meta = [], [], []
     for entry in spec["models"]:
-        m = build_model(entry, spec["ep_size"]).to(device=device, dtype=dtype).eval()
+        m = build_model(entry, spec["ep_size"], device, dtype)
         models.append(m)
         probes.append([LayerProbe(layer, clock) for layer in m.moe_layers()])
         per_rank = sum(p.numel() for p in m.parameters())
