@@ -134,8 +134,8 @@ def _dtype(name: str) -> torch.dtype:
 
 def build_model(entry: dict[str, Any], ep_size: int, device: torch.device, dtype: torch.dtype):
     """A model of the spec on `device` in `dtype`, with DeepSpeed-MoE layers holding this rank's experts (dense models
-    stay dense). A checkpoint is loaded on the CPU and moved; a preset is built on the meta device and initialised in
-    place on `device` (GPT-2's init from the device's RNG, seeded): a 354M+128e model never sits on the host."""
+    stay dense). A checkpoint is loaded on the CPU and moved; on a GPU a preset is built on the meta device and
+    initialised in place (GPT-2's init from the device's RNG, seeded): a 354M+128e model never sits on the host."""
     from ..checkpoint import load
     from ..config import ModelConfig
     from ..ds.convert import load_as_deepspeed
@@ -148,14 +148,17 @@ def build_model(entry: dict[str, Any], ep_size: int, device: torch.device, dtype
         cfg = ModelConfig.from_dict(entry["config"])
         if cfg.is_moe:
             cfg = cfg.replace(moe_impl="deepspeed", ep_size=ep_size)
-        with torch.device("meta"):
-            model = GPT(cfg)  # shapes only
-        model = model.to(dtype).to_empty(device=device)
-        if cfg.tie_embeddings:  # to_empty gives every parameter its own storage: tie again
-            model.lm_head.weight = model.transformer.wte.weight
-        torch.manual_seed(entry.get("seed", 0))
-        with torch.device(device), torch.no_grad():
-            model.init_weights(None)
+        if device.type == "cpu":  # (the meta route below costs seconds of one-time setup: not worth it on a CPU)
+            model = GPT(cfg, seed=entry.get("seed", 0)).to(dtype)
+        else:
+            with torch.device("meta"):
+                model = GPT(cfg)  # shapes only
+            model = model.to(dtype).to_empty(device=device)
+            if cfg.tie_embeddings:  # to_empty gives every parameter its own storage: tie again
+                model.lm_head.weight = model.transformer.wte.weight
+            torch.manual_seed(entry.get("seed", 0))
+            with torch.device(device), torch.no_grad():
+                model.init_weights(None)
     for layer in model.moe_layers():
         layer.set_deepspeed_parallelism()  # joins (or creates) the ep_size_<n> expert-parallel group
         layer.disable_telemetry()
@@ -255,6 +258,11 @@ def main(spec_path: str) -> None:
     t_start = time.perf_counter()
     spec = json.loads(Path(spec_path).read_text())
     torch.set_num_threads(int(spec["threads"]))
+    if spec["device"] == "cuda":  # this rank's GPU first, so that NCCL's communicators bind to it
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    else:
+        device = torch.device("cpu")
     from ..ds.engine import init_distributed
 
     init_distributed()
@@ -263,11 +271,6 @@ def main(spec_path: str) -> None:
     seconds = {"start": time.perf_counter() - t_start}
     if world != spec["ranks"]:
         raise RuntimeError(f"launched with WORLD_SIZE={world}, spec wants {spec['ranks']} ranks")
-    if spec["device"] == "cuda":
-        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-        torch.cuda.set_device(device)
-    else:
-        device = torch.device("cpu")
     dtype = _dtype(spec["dtype"])
     clock = _Clock(device)
     models, probes, meta = [], [], []
