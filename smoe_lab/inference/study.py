@@ -43,12 +43,13 @@ def reduced_checkpoints(out_dir: str | Path, base_ckpt: Path, methods: list[str]
     for cfg_file in sorted(root.glob("*/config.json")):
         folder = cfg_file.parent
         cfg, meta = checkpoint.read_config(folder)
-        if meta.get("kind") != "reduced" or meta.get("method") not in methods:
+        method = meta.get("method") or meta.get("reduction", {}).get("method")  # notebook 03 / `smoe-lab reduce`
+        if meta.get("kind") != "reduced" or method not in methods:
             continue
         parent = Path(meta.get("parent", ""))
         if parent.resolve() != base_ckpt.resolve() and parent.parts[-3:] != base_ckpt.parts[-3:]:
             continue  # (the tail .../pretrain/<variant>-s<seed>/checkpoint also matches a run folder moved since)
-        key = (meta["method"], max(cfg.experts_per_layer))
+        key = (method, max(cfg.experts_per_layer))
         found.setdefault(key, folder)  # every task's reduction to D has the same shapes: the first stands for all
     return [(m, d, p) for (m, d), p in sorted(found.items(), key=lambda kv: (-kv[0][1], kv[0][0]))]
 
@@ -75,7 +76,7 @@ def _accuracy(out_dir: Path) -> pd.DataFrame:
 
 def payoff_table(profile: pd.DataFrame, base: str, reduced: list[tuple[str, int, str]], out_dir: Path) -> pd.DataFrame:
     """Per rank count: the unreduced base, each reduced model and the scratch model of its size, side by side."""
-    acc = _accuracy(out_dir)
+    acc = _accuracy(Path(out_dir))
     z = int(profile.loc[profile["model"] == base, "experts"].iloc[0])
     wanted: list[tuple[str, str, int, int]] = [(base, "none", z, z)]  # (label, method, z, d)
     for method, d, label in reduced:
