@@ -6,6 +6,7 @@
     smoe-lab run quickstart | ci | quick | paper      (executes the notebooks with papermill into runs/<name>/)
     smoe-lab run --params FILE                        (a pipeline YAML: per-notebook parameters)
     smoe-lab convert --from native|deepspeed|deepspeed-engine --to native|deepspeed --checkpoint C --out O
+    smoe-lab profile --preset NAME --experts 8,32 --ranks 1,2 --ep-size 2 --out DIR [--checkpoints [LABEL=]PATH ...]
 
 Errors from bad input are printed as one line (`smoe-lab: error: ...`) with exit code 2.
 """
@@ -196,6 +197,52 @@ def _cmd_convert(args: argparse.Namespace) -> None:
     print(f"converted {args.src} -> {args.dst}: {out}")
 
 
+def _int_list(text: str, flag: str) -> list[int]:
+    try:
+        return [int(x) for x in str(text).replace(" ", "").split(",") if x]
+    except ValueError:
+        raise ValueError(f"{flag} expects comma-separated integers, e.g. 1,2,4, got {text!r}") from None
+
+
+def _cmd_profile(args: argparse.Namespace) -> None:
+    from .config import parse_overrides
+    from .inference.ep_profile import ProfileConfig, RankFailure, checkpoint_models, preset_models, run_profile
+
+    cfg = ProfileConfig(
+        ranks=_int_list(args.ranks, "--ranks"),
+        ep_size=args.ep_size,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        warmup=args.warmup,
+        reps=args.reps,
+        device=args.device,
+        dtype=args.dtype,
+        threads=args.threads,
+        oversubscribe=args.oversubscribe,
+        isolate=args.isolate,
+        memory=not args.no_memory,
+        seed=args.seed,
+        timeout_s=args.timeout,
+    )
+    if args.experts and not args.preset:
+        raise ValueError("--experts needs --preset (checkpoints carry their own expert counts)")
+    if args.preset and not args.experts:
+        raise ValueError("--preset needs --experts, e.g. --experts 1,8,32 (1 = dense)")
+    models = []
+    if args.preset:
+        overrides = parse_overrides(args.set or [])
+        models += preset_models(args.preset, _int_list(args.experts, "--experts"), cfg.seq_len, overrides, cfg.seed)
+    models += checkpoint_models(args.checkpoints or [])
+    try:
+        table = run_profile(models, cfg, args.out, resume=args.resume)
+    except RankFailure as e:
+        print(f"smoe-lab: error: {e}", file=sys.stderr)
+        raise SystemExit(1) from None
+    cols = ["model", "experts", "ranks", "ep_size", "latency_ms", "all2all_ms", "expert_ms", "tokens_per_s"]
+    print(table[cols].to_markdown(index=False, floatfmt=".3g"))
+    print(f"profile: {args.out}/profile.csv (+ profile_layers.csv, profile.json)")
+
+
 def _cmd_run(args: argparse.Namespace) -> None:
     from .pipeline import run_pipeline
 
@@ -315,6 +362,29 @@ def build_parser() -> argparse.ArgumentParser:
     cv.add_argument("--config", help="deepspeed-engine without smoe_lab client state: model config file or folder")
     cv.add_argument("--tokenizer-from", help="smoe_lab checkpoint folder whose tokenizer to copy")
     cv.set_defaults(func=_cmd_convert)
+
+    pf = sub.add_parser("profile", help="inference latency under expert parallelism (starts the ranks itself)")
+    pf.add_argument("--preset", help="model preset for random-weight models (tiny, small, gpt2-124m, gpt2-354m)")
+    pf.add_argument("--experts", help="with --preset: expert counts per MoE layer, e.g. 1,8,32 (1 = dense)")
+    pf.add_argument("--checkpoints", nargs="+", metavar="[LABEL=]PATH", help="smoe_lab checkpoint folders")
+    pf.add_argument("--set", action="append", metavar="KEY=VALUE", help="--preset ModelConfig override, e.g. n_layer=2")
+    pf.add_argument("--ranks", default="1,2", help="rank counts, e.g. 1,2,4 (1 = single process, no all-to-all)")
+    pf.add_argument("--ep-size", type=int, default=2, help="expert-parallel group size (the paper's 2)")
+    pf.add_argument("--batch-size", type=int, default=2, help="sequences per rank (the paper's 2)")
+    pf.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (the paper's 256)")
+    pf.add_argument("--warmup", type=int, default=5, help="warm-up passes per model (the paper's 5)")
+    pf.add_argument("--reps", type=int, default=10, help="timed rounds (the paper's 10); median and IQR reported")
+    pf.add_argument("--device", default="auto", help="auto | cpu (gloo) | cuda (NCCL, one GPU per rank)")
+    pf.add_argument("--dtype", default="auto", help="auto (bfloat16 on cuda, float32 on cpu) | float32 | bfloat16")
+    pf.add_argument("--threads", type=int, default=0, help="CPU threads per rank (0: cores // largest rank count)")
+    pf.add_argument("--oversubscribe", action="store_true", help="allow more CPU ranks than cores")
+    pf.add_argument("--isolate", action="store_true", help="one process group per model (else side by side)")
+    pf.add_argument("--no-memory", action="store_true", help="skip the peak-memory pass")
+    pf.add_argument("--seed", type=int, default=0)
+    pf.add_argument("--timeout", type=float, default=1800.0, help="seconds per process group")
+    pf.add_argument("--resume", action="store_true", help="reuse groups already profiled with the same spec and code")
+    pf.add_argument("--out", required=True, help="folder for profile.csv, profile_layers.csv, profile.json")
+    pf.set_defaults(func=_cmd_profile)
 
     r = sub.add_parser("run", help="run the notebook pipeline with papermill")
     r.add_argument("name", nargs="?", default=None, help="quickstart | ci | quick | paper (params/<nb>/<name>.yaml)")

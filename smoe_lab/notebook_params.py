@@ -241,6 +241,11 @@ class ResultsNotebook(NotebookParams):
     latency_batch_size: int = 1
     latency_seq_len: int = 128
     latency_reps: int = 10
+    # expert-parallel profile (smoe_lab.inference): ProfileConfig fields ({} = the paper's protocol: ranks 1 and 2,
+    # ep_size 2, batch 2 per rank, 256 tokens, 5 warm-up + 10 timed passes)
+    ep_profile: dict[str, Any] = field(default_factory=dict)
+    ep_scaling_ranks: list[int] = field(default_factory=list)  # Fig 5's rank counts ([] = ep_profile's ranks)
+    payoff_methods: list[str] = field(default_factory=lambda: ["uncurl"])  # notebook 03 reductions to profile
     out_dir: str = "runs/quickstart"
 
     def __post_init__(self) -> None:
@@ -252,6 +257,28 @@ class ResultsNotebook(NotebookParams):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 _err(nb, name, f"must be an integer >= 1, got {v!r}")
+        self.profile_config()
+        if self.ep_scaling_ranks:
+            try:
+                self.profile_config().replace(ranks=list(self.ep_scaling_ranks))
+            except ValueError as e:
+                _err(nb, "ep_scaling_ranks", str(e))
+        from .reduce.methods import METHODS
+
+        bad = [m for m in self.payoff_methods if m not in METHODS]
+        if bad:
+            _err(nb, "payoff_methods", f"unknown method(s) {bad}; known: {list(METHODS)}")
+
+    def profile_config(self):
+        """The validated smoe_lab.inference.ep_profile.ProfileConfig of `ep_profile`."""
+        from .inference.ep_profile import ProfileConfig
+
+        if not isinstance(self.ep_profile, dict):
+            _err(self.NOTEBOOK, "ep_profile", f"must be a mapping of ProfileConfig fields, got {self.ep_profile!r}")
+        try:
+            return ProfileConfig.from_dict(dict(self.ep_profile))
+        except (TypeError, ValueError) as e:
+            _err(self.NOTEBOOK, "ep_profile", str(e))
 
 
 @dataclass

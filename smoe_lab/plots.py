@@ -305,7 +305,7 @@ def accuracy_vs_experts(rows, task: str, metric: str = "accuracy", chance: float
 
 
 # -- inference cost ------------------------------------------------------------------------------------------------
-def loss_vs_latency(profile) -> go.Figure:
+def loss_vs_latency(profile, title: str = "Validation loss vs inference latency per expert count (Fig 2a)"):
     """The paper's Fig 2a: validation loss vs forward latency, one point per expert count."""
     fig = go.Figure(
         go.Scatter(
@@ -318,7 +318,7 @@ def loss_vs_latency(profile) -> go.Figure:
         )
     )
     fig.update_layout(
-        title="Validation loss vs inference latency per expert count (Fig 2a)",
+        title=title,
         xaxis_title="forward latency (ms)",
         yaxis_title="validation loss",
         template="plotly_white",

@@ -104,6 +104,11 @@ def test_ci_pipeline_end_to_end(tmp_path):
     # 03 ran the paper's stage 1 (instruction mix) before each task finetune, with the ci parameters
     assert all((d / "checkpoint" / "config.json").is_file() for d in (out / "stage1").iterdir())
     assert len(list((out / "stage1").iterdir())) == 4  # base 4e, dense, and the two reductions
+    # 04 drew the inference-cost picture under expert parallelism (2 gloo ranks) and the payoff table
+    for fig in ("fig2a_loss_vs_latency", "fig2b_dense_equivalent", "fig4_all2all_vs_experts", "fig5_latency_vs_ranks"):
+        assert (out / "figures" / f"{fig}.png").stat().st_size > 10_000, fig
+    payoff = (out / "tables" / "ep_payoff.csv").read_text()
+    assert "unreduced base" in payoff and "reduced (uncurl)" in payoff
     table = (out / "tables" / "pretrain.csv").read_text().splitlines()
     assert table[0].startswith("model,params,active_params") and len(table) == 3
     # a second run skips every notebook: outputs are up to date

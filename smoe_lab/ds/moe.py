@@ -131,7 +131,7 @@ class DeepSpeedMoELayer(MoE):
         self.aux_loss: Tensor | None = None
         self.telemetry: MoETelemetry | None = None
         self.record_logits = True
-        self.deepspeed_moe.gate.register_forward_hook(self._record_gate)
+        self._telemetry_hook = self.deepspeed_moe.gate.register_forward_hook(self._record_gate)
 
     # -- the native layer's names ----------------------------------------------------------------------------
     @property
@@ -200,6 +200,13 @@ class DeepSpeedMoELayer(MoE):
         out, l_aux, _ = super().forward(x, used)
         self.aux_loss = l_aux
         return out
+
+    def disable_telemetry(self) -> None:
+        """Remove the gate hook (no `.telemetry` from now on): inference profiling times DeepSpeed's layer alone."""
+        if self._telemetry_hook is not None:
+            self._telemetry_hook.remove()
+            self._telemetry_hook = None
+        self.telemetry = None
 
     def _record_gate(self, gate: nn.Module, args: tuple, output: tuple) -> None:
         """Forward hook on the gate: args (x [N, C], used_token, ...), output (l_aux, C, E, idx [1, N], ...)."""
