@@ -240,7 +240,6 @@ class TrainConfig(_FromDict):
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     engine: str = "torch"  # torch | deepspeed
     zero_stage: int = 0
-    compile: bool = False
 
     def __post_init__(self) -> None:
         c = "TrainConfig"
@@ -274,6 +273,17 @@ class TrainConfig(_FromDict):
     def grad_accum_steps(self) -> int:
         return self.batch_size // self.micro_batch_size
 
+    def check_schedule(self) -> None:
+        """A run must reach its peak lr: warmup_steps > max_steps raises ValueError naming both (a run's config
+        is checked when it starts, so the defaults may stand for the paper's 1000-step warmup of a long run)."""
+        if self.warmup_steps > self.max_steps:
+            _fail(
+                "TrainConfig",
+                "warmup_steps",
+                f"{self.warmup_steps} exceeds max_steps={self.max_steps}: the learning rate would never reach "
+                f"lr={self.lr:g} (lower warmup_steps or raise max_steps)",
+            )
+
 
 @dataclass
 class PretrainParams(_FromDict):
@@ -291,7 +301,7 @@ class PretrainParams(_FromDict):
         if self.preset not in MODEL_PRESETS:
             _fail("PretrainParams", "preset", f"unknown preset {self.preset!r}; known: {sorted(MODEL_PRESETS)}")
         self.model_config()  # validate now, fail loudly
-        self.train_config()
+        self.train_config().check_schedule()
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.preset(self.preset, **{**self.model, "num_experts": self.num_experts})
