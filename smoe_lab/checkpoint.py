@@ -234,6 +234,11 @@ def load_tokenizer(path: str | Path):
     except FileNotFoundError:
         raise
     except Exception as e:  # noqa: BLE001 - json, tokenizers and our own readers raise many types
+        for f in sorted(folder.glob("*.json")):  # name the broken file when it is one of them
+            try:
+                json.loads(f.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as bad:
+                raise ValueError(f"tokenizer file {f} is not valid JSON (truncated or corrupted?): {bad}") from None
         raise ValueError(f"tokenizer {folder} is not readable (truncated or corrupted?): {e}") from None
 
 
