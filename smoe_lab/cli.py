@@ -38,7 +38,10 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
 
     track(params.out_dir)
     res = pretrain_from_params(params, progress=not args.no_progress)
-    print(f"done: {res.steps} steps, {res.tokens:,} tokens in {res.seconds:.1f}s; eval {res.eval}")
+    if res.tokens == 0:  # --resume of a finished run
+        print(f"already done: the checkpoint is at step {res.steps}, nothing to resume")
+    else:
+        print(f"done: {res.steps} steps, {res.tokens:,} tokens in {res.seconds:.1f}s; eval {res.eval}")
     print(f"checkpoint: {res.checkpoint}\nmetrics: {res.metrics}")
 
 

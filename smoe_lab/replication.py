@@ -357,7 +357,7 @@ def zero_shot_ablation(p) -> pd.DataFrame:
     on each task of p.zero_shot_tasks WITHOUT finetuning or router warm-up. The reductions use router "merge" (the
     frequency-weighted average of each group's router rows; a pruned layer keeps its kept rows), so no weight is
     trained after reduction: this isolates what each method preserves from what finetuning repairs. Same
-    calibration artifacts as the task study. Rows: stage "zeroshot", metrics "accuracy" and "val_loss"."""
+    calibration artifacts as the task study. Rows: stage "zeroshot", metrics "accuracy" and "loss"."""
     from .evaluate import evaluate_task
     from .finetune import task_data
     from .results import checkpoint_identity
@@ -401,7 +401,7 @@ def zero_shot_ablation(p) -> pd.DataFrame:
                 store.append_many(
                     [
                         {**row, "metric": "accuracy", "value": r["accuracy"], "seconds": r["seconds"]},
-                        {**row, "metric": "val_loss", "value": r["loss"], "seconds": r["seconds"]},
+                        {**row, "metric": "loss", "value": r["loss"], "seconds": r["seconds"]},
                     ]
                 )
                 done.add(key)
@@ -568,7 +568,7 @@ def evaluate_claims(df: pd.DataFrame, p, stage: str = "stage2", tasks: list[str]
     k, base = p.se_factor, max(p.variants)
     out = [_claim_a(df, p)]
     keep = learnable_tasks(df, p) if tasks is None else tasks
-    acc, loss = (task_frame(df, base, m, stage) for m in ("accuracy", "val_loss"))
+    acc, loss = (task_frame(df, base, m, stage) for m in ("accuracy", "loss"))
     acc, loss = (f[f.index.get_level_values("task").isin(keep)] for f in (acc, loss))
 
     def both(better, worse, name, **kw):
@@ -1194,8 +1194,9 @@ def render_report(df: pd.DataFrame, p, fig_dir: Path | None = None, fig_rel: str
         f"'competitive with MC-SMoE' (non-inferiority: {p.margin:g} accuracy points). A claim of several parts is "
         "supported if all parts are, not supported if any part is, inconclusive otherwise. With 3 seeds this is a "
         "screening rule, not a 95% test (a two-sided t-test with 2 degrees of freedom needs 4.3 SE). Accuracy is "
-        "the finetuning's best validation accuracy (the final one when, as in the science run, it evaluates once at "
-        "the end); the secondary readout uses the validation loss of the correct "
+        "measured once on the task's validation split with the checkpoint that finetuning selected on a dev split "
+        "carved out of the train split (the final one when, as in the science run, it evaluates once at the end); "
+        "the secondary readout uses that checkpoint's validation loss of the correct "
         "answer, a continuous and less noisy measure. **Floor rule:** a task whose best finetuned model (mean over "
         f"seeds) does not clear the task's majority-class accuracy by more than {FLOOR_MARGIN:g} points carries no "
         "information about the models and is left out of the task verdicts (its cells stay in the tables); the "

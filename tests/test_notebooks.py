@@ -81,6 +81,20 @@ def test_ci_pipeline_end_to_end(tmp_path):
     # 03 ran the paper's stage 1 (instruction mix) before each task finetune, with the ci parameters
     assert all((d / "checkpoint" / "config.json").is_file() for d in (out / "stage1").iterdir())
     assert len(list((out / "stage1").iterdir())) == 4  # base 4e, dense, and the two reductions
+    # a reduced model's router-only warm-up ran on the task's training examples (paper A4), before stage 1
+    from smoe_lab import checkpoint
+
+    warm = {
+        d.name: checkpoint.read_config(d / "checkpoint")[1].get("router_warmup") for d in (out / "stage1").iterdir()
+    }
+    reduced = [n for n in warm if "-D2-" in n]
+    assert len(reduced) == 2 and all(warm[n]["data"] == ["boolq"] for n in reduced)
+    assert all(warm[n] is None for n in warm if n not in reduced)
+    # the store holds the reported numbers and the selection numbers of every finetuning, under distinct names
+    from smoe_lab.results import ResultsStore
+
+    metrics = set(ResultsStore(out / "results.sqlite").rows(stage="stage2")["metric"])
+    assert {"accuracy", "acc_norm", "loss", "dev_accuracy", "dev_loss"} <= metrics
     table = (out / "tables" / "pretrain.csv").read_text().splitlines()
     assert table[0].startswith("model,params,active_params") and len(table) == 3
     # a second run skips every notebook: outputs are up to date
