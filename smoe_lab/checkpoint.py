@@ -35,7 +35,7 @@ CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
 TOKENIZER = "tokenizer"
 FORMAT_VERSION = 1
-TRAIN_STATE_KEYS = ("step", "optimizer", "generator", "torch_rng")
+TRAIN_STATE_KEYS = ("step", "generator", "torch_rng")  # + "optimizer" (native loop) or "deepspeed_tag"
 
 
 def _state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
