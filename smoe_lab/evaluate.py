@@ -4,8 +4,8 @@ Each choice is scored by the sum of its tokens' log-likelihoods given the input 
 encoding as finetuning, `smoe_lab.data.tasks.pair_ids`); the prediction is the highest-scoring choice (the first
 one on ties). That is `accuracy` (lm-eval-harness's acc). `acc_norm` ranks by the mean log-likelihood per answer
 token instead (length-normalised), which removes the summed score's preference for choices of fewer tokens; the
-two agree when every choice is one token (BoolQ's " Yes"/" No"). The tables use `accuracy`: after finetuning on
-the answer tokens, the summed log-likelihood is the model's own probability of the whole answer.
+two agree when an example's choices have equal token counts (BoolQ's " Yes"/" No"). The tables use `accuracy`:
+after finetuning on the answer tokens, the summed log-likelihood is the model's own probability of the whole answer.
 
 (example, choice) pairs are batched with right padding and a mask, so padding never enters MoE routing; scoring
 runs in eval mode (eval capacity factor, 1.0 in the paper) under torch.no_grad.
