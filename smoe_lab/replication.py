@@ -37,9 +37,9 @@ import numpy as np
 import pandas as pd
 import torch
 
-from . import checkpoint, experiments
+from . import cachekey, checkpoint, experiments
 from .paths import resolve_out_dir
-from .results import ResultsStore, accuracy_table, config_hash
+from .results import ResultsStore, accuracy_table
 
 SUPPORTED, NOT_SUPPORTED, INCONCLUSIVE = "supported", "not supported", "inconclusive"
 PRETRAIN_TASK = "corpus:val"  # the results-store task of pretraining losses
@@ -222,6 +222,7 @@ def pretraining_losses(p) -> pd.DataFrame:
     store, t0 = load_store(p), time.perf_counter()
     done = set(store.rows(task=PRETRAIN_TASK)["config_hash"].dropna())
     tokens = resolve_corpus(p.corpus).split("val")
+    val_key = cachekey.corpus_key(resolve_corpus(p.corpus).path)
     for seed in p.seeds:
         for e in sorted(p.variants):
             run_dir = experiments.pretrain_dir(p.study_dir, label(e), seed)
@@ -230,7 +231,8 @@ def pretraining_losses(p) -> pd.DataFrame:
             ident = dict(base_model=p.backbone, method="none", z=e, d=e, task=PRETRAIN_TASK, seed=seed)
             model = None
             for proto in protocols(p):
-                key = config_hash({"ckpt": h, "protocol": proto.__dict__, "windows": p.eval_windows})
+                parts = dict(ckpt=h, protocol=proto.__dict__, windows=p.eval_windows, val=val_key)
+                key = cachekey.key("pretrain-eval", **parts)
                 if key not in done:
                     model = model or checkpoint.load(ckpt)
                     starts = eval_windows(len(tokens), model.config.block_size, p.eval_windows)
@@ -242,7 +244,7 @@ def pretraining_losses(p) -> pd.DataFrame:
                     ]
                     store.append_many([{**row, "config_hash": key, "extra": extra} for row in rows])
                     done.add(key)
-            key = config_hash({"ckpt": h, "kind": "run-summary"})
+            key = cachekey.key("run-summary", ckpt=h)
             if key not in done:
                 run = experiments.summarize_run(run_dir)
                 rows = [
@@ -274,6 +276,9 @@ def budget_ablation(p) -> pd.DataFrame:
     drops. Rows: stage "budget", metric "val_loss:<protocol>@<tokens>" (extra {"tokens"}). Returns them."""
     store, t0 = load_store(p), time.perf_counter()
     done = set(store.rows(task=PRETRAIN_TASK, stage="budget")["config_hash"].dropna())
+    from .train import resolve_corpus
+
+    val_key = cachekey.corpus_key(resolve_corpus(p.corpus).path)
     variants = sorted({1, max(p.variants)})
     val = None
     for tokens in p.ablation_tokens:
@@ -286,7 +291,8 @@ def budget_ablation(p) -> pd.DataFrame:
                 h = checkpoint.checkpoint_hash(ckpt)
                 model = None
                 for proto in protocols(p)[:2]:
-                    key = config_hash({"ckpt": h, "protocol": proto.__dict__, "windows": p.eval_windows})
+                    parts = dict(ckpt=h, protocol=proto.__dict__, windows=p.eval_windows, val=val_key)
+                    key = cachekey.key("pretrain-eval", **parts)
                     if key in done:
                         continue
                     if val is None:
@@ -391,7 +397,7 @@ def zero_shot_ablation(p) -> pd.DataFrame:
                 # freq_merge when the global allocation gives every layer exactly D dominant experts)
                 name = ckpt.parent.name if ckpt.name == "checkpoint" else ckpt.name
                 h = checkpoint.checkpoint_hash(ckpt)
-                key = config_hash({"ckpt": h, "name": name, "task": task, "n": len(val), "zs": 1})
+                key = cachekey.key("zeroshot", ckpt=h, name=name, task=task, val=cachekey.examples_hash(val))
                 if key in done:
                     continue
                 model, tok = checkpoint.load(ckpt), checkpoint.load_tokenizer(ckpt)
