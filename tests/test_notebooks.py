@@ -93,8 +93,21 @@ def test_ci_pipeline_end_to_end(tmp_path):
     # the store holds the reported numbers and the selection numbers of every finetuning, under distinct names
     from smoe_lab.results import ResultsStore
 
-    metrics = set(ResultsStore(out / "results.sqlite").rows(stage="stage2")["metric"])
-    assert {"accuracy", "acc_norm", "loss", "dev_accuracy", "dev_loss"} <= metrics
+    stored = ResultsStore(out / "results.sqlite").rows(stage="stage2")
+    assert {"accuracy", "acc_norm", "loss", "dev_accuracy", "dev_loss"} <= set(stored["metric"])
+    # `smoe-lab evaluate` on a selected checkpoint recomputes the stored report and selection numbers exactly
+    from smoe_lab.cli import main
+
+    best = next((out / "finetune" / "boolq").glob("*-uncurl-D2-*")) / "best"
+    again = tmp_path / "again.sqlite"
+    for split in ("validation", "dev"):
+        assert (
+            main(["evaluate", "--checkpoint", str(best), "--task", "boolq", "--split", split, "--store", str(again)])
+            == 0
+        )
+    mine = stored[stored["method"].eq("uncurl")].set_index("metric")["value"]
+    recomputed = ResultsStore(again).rows().set_index("metric")["value"]
+    assert len(recomputed) == 6 and all(recomputed[m] == mine[m] for m in recomputed.index)
     table = (out / "tables" / "pretrain.csv").read_text().splitlines()
     assert table[0].startswith("model,params,active_params") and len(table) == 3
     # a second run skips every notebook: outputs are up to date
