@@ -2,7 +2,10 @@
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+# the package's extras to install (.ci/run adds `lab` for the browser test: make test EXTRAS=dev,lab)
+EXTRAS ?= dev
+comma := ,
+STAMP := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: quickstart test lint format data clean-venv
 
@@ -10,7 +13,7 @@ $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	# torch is pinned in the same command as deepspeed so pip keeps the CPU build (see README).
-	$(BIN)/python -m pip install -q "torch==2.13.0" -e ".[dev]"
+	$(BIN)/python -m pip install -q "torch==2.13.0" -e ".[$(EXTRAS)]"
 	touch $(STAMP)
 
 data: $(STAMP)

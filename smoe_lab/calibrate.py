@@ -10,6 +10,7 @@ whose metadata holds a manifest (checkpoint hash, task, split, tokens used), reu
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -17,10 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from .checkpoint import model_hash
+from .checkpoint import fsync_dir, model_hash
 
 FORMAT = "smoe_lab.calibration.v1"
 
@@ -103,9 +105,14 @@ class Calibration:
                 tensors[f"layer{i}.gate_mass"] = s.gate_mass.contiguous()
             tensors[f"layer{i}.top_k"] = torch.tensor([s.top_k], dtype=torch.int64)
         meta = {"format": FORMAT, "manifest": json.dumps(self.manifest, sort_keys=True, default=str)}
+        if path.is_dir():
+            raise ValueError(f"calibration output {path} is a folder: give a file path (.safetensors)")
         tmp = path.with_name(f".{path.name}.tmp")
         save_file(tensors, str(tmp), metadata=meta)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
         tmp.replace(path)
+        fsync_dir(path.parent)
         return path
 
     @classmethod
@@ -113,29 +120,43 @@ class Calibration:
         from safetensors import safe_open
 
         path = Path(path)
+        if path.is_dir():
+            raise ValueError(f"{path} is a folder, not a calibration artifact (a .safetensors file from calibrate)")
         if not path.is_file():
             raise FileNotFoundError(f"calibration artifact not found: {path} (make one with `smoe-lab calibrate`)")
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path} is not a smoe_lab calibration artifact (format {meta.get('format')!r})")
-        t = load_file(str(path))
-        n_layers = len({k.split(".")[0] for k in t})
-        layers = [
-            LayerStats(
-                gram=t[f"layer{i}.gram"],
-                logit_sum=t[f"layer{i}.logit_sum"],
-                top1_counts=t[f"layer{i}.top1_counts"],
-                processed_counts=t[f"layer{i}.processed_counts"],
-                n_tokens=int(t[f"layer{i}.n_tokens"][0]),
-                logits_sample=t.get(f"layer{i}.logits_sample"),
-                selected_counts=t.get(f"layer{i}.selected_counts"),
-                gate_mass=t.get(f"layer{i}.gate_mass"),
-                top_k=int(t[f"layer{i}.top_k"][0]) if f"layer{i}.top_k" in t else 1,
-            )
-            for i in range(n_layers)
-        ]
-        return cls(layers, json.loads(meta["manifest"]))
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+            if meta.get("format") != FORMAT:
+                raise ValueError(f"{path} is not a smoe_lab calibration artifact (format {meta.get('format')!r})")
+            t = load_file(str(path))
+            n_layers = len({k.split(".")[0] for k in t})
+            layers = [
+                LayerStats(
+                    gram=t[f"layer{i}.gram"],
+                    logit_sum=t[f"layer{i}.logit_sum"],
+                    top1_counts=t[f"layer{i}.top1_counts"],
+                    processed_counts=t[f"layer{i}.processed_counts"],
+                    n_tokens=int(t[f"layer{i}.n_tokens"][0]),
+                    logits_sample=t.get(f"layer{i}.logits_sample"),
+                    selected_counts=t.get(f"layer{i}.selected_counts"),
+                    gate_mass=t.get(f"layer{i}.gate_mass"),
+                    top_k=int(t[f"layer{i}.top_k"][0]) if f"layer{i}.top_k" in t else 1,
+                )
+                for i in range(n_layers)
+            ]
+            manifest = json.loads(meta["manifest"])
+        except SafetensorError as e:
+            raise ValueError(f"{path} is not a readable calibration artifact (truncated or corrupted?): {e}") from None
+        except (KeyError, IndexError, json.JSONDecodeError) as e:
+            raise ValueError(
+                f"{path}: calibration artifact is incomplete or corrupted ({type(e).__name__}: {e})"
+            ) from None
+        for i, s in enumerate(layers):
+            z = s.gram.shape[0] if s.gram.dim() == 2 else -1
+            if s.gram.shape != (z, z) or s.top1_counts.shape != (z,) or s.processed_counts.shape != (z,):
+                raise ValueError(f"{path}: layer {i} tensors have inconsistent shapes (corrupted artifact)")
+        return cls(layers, manifest)
 
 
 def _as_batch(item: Any, vocab_size: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -167,7 +188,9 @@ def calibrate(
     """Router statistics of every MoE layer of `model` over `batches` (eval mode: eval capacity factor).
 
     batches: LongTensors [B, T] or (idx, mask) pairs (mask True for real tokens). max_sample raw logit rows per
-    layer are kept for plots, chosen uniformly at random by reservoir sampling (seeded).
+    layer are kept for plots, chosen uniformly at random by reservoir sampling (seeded). Logit recording is switched
+    on for the duration (a model whose `record_logits` is off would otherwise give an all-zero Gram matrix) and
+    restored afterwards.
     """
     layers = model.moe_layers()
     if not layers:
@@ -189,21 +212,20 @@ def calibrate(
     gen = torch.Generator().manual_seed(seed)
     n_tokens = 0
     t0 = time.perf_counter()
-    for item in tqdm(batches, desc="calibrate", disable=not progress):
-        idx, mask = _as_batch(item, cfg.vocab_size, cfg.block_size)
-        model(idx.to(device), mask=None if mask is None else mask.to(device))
-        n_tokens += int(mask.sum()) if mask is not None else idx.numel()
-        for i, m in enumerate(layers):
-            t = m.telemetry
-            h = t.router_logits.double().cpu()  # [N_real, Z]
-            gram[i] += h.T @ h
-            lsum[i] += h.sum(0)
-            top1[i] += t.routed_counts.cpu()
-            proc[i] += t.processed_counts.cpu()
-            c, g = _selections(t)
-            chosen[i] += c
-            mass[i] += g
-            samples[i], seen[i] = _reservoir(samples[i], seen[i], h.float(), max_sample, gen)
+    recording = [getattr(m, "record_logits", True) for m in layers]
+    try:
+        for m in layers:
+            m.record_logits = True
+        for item in tqdm(batches, desc="calibrate", disable=not progress):
+            idx, mask = _as_batch(item, cfg.vocab_size, cfg.block_size)
+            model(idx.to(device), mask=None if mask is None else mask.to(device))
+            real = int(mask.sum()) if mask is not None else idx.numel()
+            n_tokens += real
+            expect = None if getattr(model, "hf_family", None) is not None else real  # HF decoders may add tokens (BOS)
+            _accumulate(layers, expect, gram, lsum, top1, proc, chosen, mass, samples, seen, max_sample, gen)
+    finally:
+        for m, flag in zip(layers, recording):
+            m.record_logits = flag
     model.train(was_training)
     if n_tokens == 0:
         raise ValueError("calibration data is empty: no tokens were seen (check the task split and the batches)")
@@ -246,6 +268,24 @@ def _selections(t) -> tuple[torch.Tensor, torch.Tensor]:
     p = t.router_probs.double().cpu()  # [N_real, Z]
     top = p.max(1)
     return t.routed_counts.cpu(), torch.zeros(p.shape[1], dtype=torch.float64).index_add_(0, top.indices, top.values)
+
+
+def _accumulate(layers, expect, gram, lsum, top1, proc, chosen, mass, samples, seen, max_sample: int, gen) -> None:
+    """Add one batch's router telemetry to every layer's running statistics; `expect`: the number of unpadded tokens
+    every layer must have recorded (None: not checked)."""
+    for i, m in enumerate(layers):
+        t = m.telemetry
+        h = t.router_logits.double().cpu()  # [N_real, Z]
+        if expect is not None and h.shape[0] != expect:
+            raise ValueError(f"MoE layer {i} recorded {h.shape[0]} router-logit rows for {expect} tokens")
+        gram[i] += h.T @ h
+        lsum[i] += h.sum(0)
+        top1[i] += t.routed_counts.cpu()
+        proc[i] += t.processed_counts.cpu()
+        c, g = _selections(t)
+        chosen[i] += c
+        mass[i] += g
+        samples[i], seen[i] = _reservoir(samples[i], seen[i], h.float(), max_sample, gen)
 
 
 def _reservoir(

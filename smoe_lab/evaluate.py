@@ -2,8 +2,13 @@
 
 Each choice is scored by the sum of its tokens' log-likelihoods given the input (the same prompt + answer
 encoding as finetuning, `smoe_lab.data.tasks.pair_ids`); the prediction is the highest-scoring choice (the first
-one on ties). (example, choice) pairs are batched with right padding and a mask, so padding never enters MoE
-routing; scoring runs in eval mode (eval capacity factor, 1.0 in the paper) under torch.no_grad.
+one on ties). That is `accuracy` (lm-eval-harness's acc). `acc_norm` ranks by the mean log-likelihood per answer
+token instead (length-normalised), which removes the summed score's preference for choices of fewer tokens; the
+two agree when an example's choices have equal token counts (BoolQ's " Yes"/" No"). The tables use `accuracy`:
+after finetuning on the answer tokens, the summed log-likelihood is the model's own probability of the whole answer.
+
+(example, choice) pairs are batched with right padding and a mask, so padding never enters MoE routing; scoring
+runs in eval mode (eval capacity factor, 1.0 in the paper) under torch.no_grad.
 
 With drop_tokens and capacity factor 1.0 an expert can overflow in a batch, so in an SMoE a score can depend on
 which other sequences share its batch, exactly as in the paper's batched evaluation. Pairs are batched in a
@@ -126,18 +131,21 @@ def evaluate_task(
     block_size: int | None = None,
     dtype: str = "float32",
 ) -> dict[str, float]:
-    """{"accuracy", "loss", "n", "seconds"} on `examples`.
+    """{"accuracy", "acc_norm", "loss", "n", "seconds"} on `examples`.
 
-    loss is the mean per-token negative log-likelihood of the correct choice (`label`), token-weighted over all
-    examples; accuracy counts any correct choice (`Example.correct`). dtype as TrainConfig.dtype (float32 default;
-    "auto" uses bf16 autocast on CUDA).
+    accuracy ranks choices by summed log-likelihood, acc_norm by mean log-likelihood per answer token. loss is the
+    mean per-token negative log-likelihood of the correct choice (`label`), token-weighted over all examples;
+    accuracy counts any correct choice (`Example.correct`). dtype as TrainConfig.dtype (float32 default; "auto"
+    uses bf16 autocast on CUDA).
     """
     t0 = time.perf_counter()
     scores, lengths = choice_logprobs(model, tok, examples, batch_size, device, progress, block_size, dtype)
     nll = -sum(s[e.label] for s, e in zip(scores, examples))
     tokens = sum(n[e.label] for n, e in zip(lengths, examples))
+    per_token = [[v / max(n, 1) for v, n in zip(s, ns)] for s, ns in zip(scores, lengths)]
     return {
         "accuracy": accuracy(examples, predictions(scores)),
+        "acc_norm": accuracy(examples, predictions(per_token)),
         "loss": nll / tokens,
         "n": float(len(examples)),
         "seconds": time.perf_counter() - t0,
@@ -167,29 +175,59 @@ def evaluate_checkpoint(
     split: str = "validation",
     corpus=None,
     root=None,
-    source: str = "auto",
+    source: str | None = None,
     max_examples: int | None = None,
-    batch_size: int = 16,
+    batch_size: int | None = None,
     device: str | None = None,
-    seed: int = 0,
+    seed: int | None = None,
     progress: bool = False,
+    block_size: int | None = None,
+    dtype: str | None = None,
 ) -> dict[str, float]:
     """Load a checkpoint (with its tokenizer) and evaluate it on a task split; adds the chance baseline and the
     majority baseline of the task's train split ("majority" is NaN when no train split is available).
-    corpus: for cloze tasks (default: the corpus named in the checkpoint's meta)."""
+
+    A checkpoint chosen by finetuning carries an EvalSpec (`smoe_lab.protocol`): every argument left at None is
+    taken from it (examples, seed, corpus, batch size, block size, dtype), so the result equals the stored one
+    exactly. split "dev" (only with an EvalSpec) rebuilds the dev split the checkpoint was selected on.
+    Without a spec: batch 16, the model's block size, float32, seed 0, source "auto", every example.
+    """
     from . import checkpoint
     from .data.tasks import load_task
+    from .protocol import DEV_SPLIT, EvalSpec, dev_split
 
+    _, meta = checkpoint.read_config(path)
+    spec = EvalSpec.from_meta(meta)
+    same_task = spec is not None and spec.task.lower() == task.lower()
+    if split == DEV_SPLIT and not same_task:
+        why = "has no eval_spec" if spec is None else f"was finetuned on {spec.task!r}, not {task!r}"
+        raise ValueError(f"split 'dev' rebuilds a finetuning's dev split, but checkpoint {path} {why}")
+
+    def pick(given, from_spec, default):
+        return given if given is not None else (from_spec if spec is not None else default)
+
+    batch_size = pick(batch_size, spec and spec.batch_size, 16)
+    block_size = pick(block_size, spec and spec.block_size, None)
+    dtype = pick(dtype, spec and spec.dtype, "float32")
+    if same_task:
+        seed, corpus = pick(seed, spec.seed, 0), corpus or spec.corpus
+        root, source = root or spec.root, source or spec.source
+    seed, source = 0 if seed is None else seed, source or "auto"
+    corpus = corpus or meta.get("corpus")
     dev = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    kw = dict(root=root, source=source, seed=seed, corpus=corpus)
+    if split == DEV_SPLIT:
+        train = load_task(task, "train", max_examples=spec.max_train_examples, **kw)
+        examples = dev_split(train, spec.dev_fraction, spec.dev_max_examples, seed)[1]
+    else:
+        n = max_examples if max_examples is not None else (spec.max_eval_examples if same_task else None)
+        examples = load_task(task, split, max_examples=n, **kw)
     model = checkpoint.load(path, device=dev)
     tok = checkpoint.load_tokenizer(path)
-    corpus = corpus or checkpoint.read_config(path)[1].get("corpus")
-    kw = dict(root=root, source=source, seed=seed, corpus=corpus)
-    examples = load_task(task, split, max_examples=max_examples, **kw)
-    result = evaluate_task(model, tok, examples, batch_size, progress=progress)
+    result = evaluate_task(model, tok, examples, batch_size, progress=progress, block_size=block_size, dtype=dtype)
     try:
-        train = load_task(task, "train", max_examples=max_examples if task.startswith("cloze-") else None, **kw)
-        result["majority"] = majority_baseline(train, examples)
+        n_train = spec.max_train_examples if same_task else (max_examples if task.startswith("cloze-") else None)
+        result["majority"] = majority_baseline(load_task(task, "train", max_examples=n_train, **kw), examples)
     except FileNotFoundError:
         result["majority"] = float("nan")
     result["chance"] = chance_baseline(examples)

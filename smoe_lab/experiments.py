@@ -1,7 +1,10 @@
 """Notebook-level stages: each notebook cell calls one of these and draws what it returns.
 
-Stages are idempotent: a variant whose finished checkpoint exists with the same model and training config is
-not retrained (so `smoe-lab run` can skip work that is up to date, and an interrupted run resumes).
+Stages are idempotent: a result whose cache key (`smoe_lab.cachekey`: the package source, the data's content and
+every setting) matches the one stored beside it is reused, so `smoe-lab run` skips work that is up to date and an
+interrupted run resumes. Keys: a pretrained variant (`train.pretrain_key`), a calibration artifact (the batches'
+content + the checkpoint's hash), a reduced checkpoint (base hash, calibration key, method, D, router, seed), a
+finetuning (checkpoint hash, config, the examples' content).
 """
 
 from __future__ import annotations
@@ -13,34 +16,38 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from . import checkpoint
+from . import cachekey, checkpoint
 from .notebook_params import PretrainNotebook
-from .train import pretrain, read_metrics
+from .train import pretrain, pretrain_key, read_metrics, resolve_corpus
 
 
 def variant_label(num_experts: int) -> str:
     return "dense" if num_experts == 1 else f"{num_experts}e"
 
 
-def _finished(run_dir: Path, model_cfg, train_cfg) -> bool:
-    """True when run_dir holds a checkpoint at the last step made with exactly these configs."""
+def _same_run(run_dir: Path, key: str) -> dict[str, Any] | None:
+    """The meta of run_dir's checkpoint when it was made under this cache key, else None (also when unreadable)."""
     try:
-        cfg, meta = checkpoint.read_config(run_dir / "checkpoint")
-    except FileNotFoundError:
-        return False
-    return (
-        cfg == model_cfg and meta.get("train_config") == train_cfg.to_dict() and meta.get("step") == train_cfg.max_steps
-    )
+        _, meta = checkpoint.read_config(run_dir / "checkpoint")
+    except (FileNotFoundError, ValueError):
+        return None
+    return meta if meta.get("cache_key") == key else None
 
 
-def _partial(run_dir: Path, model_cfg, train_cfg) -> bool:
-    """A checkpoint of the same configs that stopped early: resume it instead of starting again."""
+def _finished(run_dir: Path, model_cfg, train_cfg, corpus) -> bool:
+    """True when run_dir holds a checkpoint at the last step made under this cache key (`train.pretrain_key`:
+    the package source, both configs, the corpus's content)."""
+    meta = _same_run(run_dir, pretrain_key(model_cfg, train_cfg, resolve_corpus(corpus).path))
+    return meta is not None and meta.get("step") == train_cfg.max_steps
+
+
+def _partial(run_dir: Path, model_cfg, train_cfg, corpus) -> bool:
+    """A checkpoint of the same cache key that stopped early: resume it instead of starting again."""
+    meta = _same_run(run_dir, pretrain_key(model_cfg, train_cfg, resolve_corpus(corpus).path))
     try:
-        cfg, meta = checkpoint.read_config(run_dir / "checkpoint")
-    except FileNotFoundError:
-        return False
-    same = cfg == model_cfg and meta.get("train_config") == train_cfg.to_dict()
-    return same and checkpoint.load_train_state(run_dir / "checkpoint") is not None
+        return meta is not None and checkpoint.load_train_state(run_dir / "checkpoint") is not None
+    except ValueError:
+        return False  # an unreadable train state: start again
 
 
 def pretrain_variants(p: PretrainNotebook) -> pd.DataFrame:
@@ -50,10 +57,10 @@ def pretrain_variants(p: PretrainNotebook) -> pd.DataFrame:
     for e in p.variants:
         model_cfg = p.model_config(e)
         run_dir = Path(p.out_dir) / "pretrain" / f"{variant_label(e)}-s{p.seed}"
-        if _finished(run_dir, model_cfg, train_cfg):
+        if _finished(run_dir, model_cfg, train_cfg, p.corpus):
             print(f"{variant_label(e)}: up to date ({run_dir})")
         else:
-            resume = _partial(run_dir, model_cfg, train_cfg)
+            resume = _partial(run_dir, model_cfg, train_cfg, p.corpus)
             pretrain(model_cfg, train_cfg, p.corpus, run_dir, resume=resume, progress=p.progress)
         rows.append(summarize_run(run_dir))
     table = pd.DataFrame(rows)
@@ -167,10 +174,13 @@ def calibration_batches_for(
     if source.startswith("corpus:") and getattr(cfg, "family", None):
         raise ValueError(f"{source}: corpus windows are ids of smoe_lab's tokenizer; calibrate {ckpt} on a task")
     if source.startswith("corpus:"):
-        from .data.corpus import iter_eval_batches, open_corpus
-        from .train import resolve_corpus
+        from .data.corpus import iter_eval_batches
 
-        tokens = (resolve_corpus(corpus) if corpus else open_corpus("tiny")).split(source.split(":", 1)[1])
+        if not corpus:
+            raise ValueError(
+                f"calibration source {source!r} reads corpus text: pass corpus=<recipe or prepared folder>"
+            )
+        tokens = resolve_corpus(corpus).split(source.split(":", 1)[1])
         limit = None if not max_tokens else max(1, max_tokens // (batch_size * block))
         return [x for x, _ in iter_eval_batches(tokens, batch_size, block, max_batches=limit)]
     from .data.tasks import calibration_batches, load_task
@@ -191,7 +201,10 @@ def calibration_artifact(
     max_tokens: int | None = None,
     progress: bool = False,
 ):
-    """The calibration artifact of (checkpoint, task, split), made once and reused by every method and D."""
+    """The calibration artifact of (checkpoint, task, split), made once and reused by every method and D.
+
+    Reused when its cache key matches: the package source, the checkpoint's weights and the calibration batches'
+    content (examples, tokenizer, block size, batch size, max_tokens all show in it), the seed."""
     from .calibrate import Calibration, calibrate
     from .checkpoint import checkpoint_hash, load
 
@@ -199,12 +212,16 @@ def calibration_artifact(
     tag = f"{checkpoint_name(ckpt)}-{source.replace(':', '_')}-{split}-n{max_examples or 'all'}"
     path = Path(out_dir) / "calibration" / f"{tag}.safetensors"
     h = checkpoint_hash(ckpt)
+    batches = calibration_batches_for(ckpt, source, split, max_examples, batch_size, corpus, seed, max_tokens)
+    key = cachekey.key("calibration", checkpoint=h, batches=cachekey.tensors_hash(batches), seed=seed)
     if path.is_file():
-        cal = Calibration.load(path)
-        if cal.manifest.get("checkpoint_hash") == h and cal.manifest.get("max_tokens") == max_tokens:
+        try:
+            cal = Calibration.load(path)
+        except ValueError:
+            cal = None  # unreadable: make it again
+        if cal is not None and cal.manifest.get("cache_key") == key:
             return cal, path
     model = load(ckpt)
-    batches = calibration_batches_for(ckpt, source, split, max_examples, batch_size, corpus, seed, max_tokens)
     cal = calibrate(
         model,
         batches,
@@ -216,6 +233,8 @@ def calibration_artifact(
         split=split,
         max_examples=max_examples,
         max_tokens=max_tokens,
+        batch_size=batch_size,
+        cache_key=key,
     )
     cal.save(path)
     return cal, path
@@ -254,10 +273,13 @@ def results_store(out_dir: str | Path):
 
 
 def _done(path: Path, key: str) -> dict[str, Any] | None:
-    """A finished step's saved result when it was made with the same settings (key), else None."""
+    """A finished step's saved result when it was made under the same cache key, else None (also if unreadable)."""
     if path.is_file():
-        doc = json.loads(path.read_text())
-        if doc.get("key") == key:
+        try:
+            doc = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return None
+        if isinstance(doc, dict) and doc.get("key") == key:
             return doc
     return None
 
@@ -265,11 +287,14 @@ def _done(path: Path, key: str) -> dict[str, Any] | None:
 def reduced_checkpoint(
     base_ckpt: Path, cal, cal_path: Path, method: str, d: int, out_dir: Path, router: str, seed: int, workers: int
 ) -> tuple[Path, dict[str, Any]]:
-    """Reduce once per (base, calibration, method, D, router, seed); the reduced checkpoint is reused."""
+    """Reduce once per cache key (package source, base weights, calibration content, method, D, router, seed);
+    the reduced checkpoint is reused."""
     from .reduce.methods import reduce_model
 
     dest = out_dir / "reduced" / f"{cal_path.stem}-{method}-D{d}-{router}-s{seed}"  # stem names base + task
-    key = f"{checkpoint.checkpoint_hash(base_ckpt)}:{cal_path.name}:{method}:{d}:{router}:{seed}"
+    cal_key = cal.manifest.get("cache_key") or cachekey.file_hash(cal_path)
+    base = checkpoint.checkpoint_hash(base_ckpt)
+    key = cachekey.key("reduced", base=base, calibration=cal_key, method=method, d=d, router=router, seed=seed)
     done = _done(dest.parent / f"{dest.name}.json", key)
     if done and (dest / "config.json").is_file():
         return dest, done["report"]
@@ -298,30 +323,56 @@ def finetune_and_record(
     backbone: str,
     progress: bool,
     extra: dict[str, Any] | None = None,
+    spec: dict[str, Any] | None = None,
+    warmup_examples=None,
 ) -> dict[str, Any]:
-    """Finetune a checkpoint on a task (skipped when done with the same settings); rows into the results store."""
-    from .finetune import finetune
-    from .results import checkpoint_identity, config_hash
+    """Finetune a checkpoint on a task (skipped when done under the same cache key); rows into the results store.
+
+    The protocol (`smoe_lab.protocol`): select on a dev split carved from `train`, report the selected checkpoint
+    once on `val`. Stored: "accuracy", "acc_norm", "loss" (reported) and "dev_accuracy", "dev_acc_norm",
+    "dev_loss" (selection). spec: how train/val were loaded (`finetune.data_spec`), so `smoe-lab evaluate` on the
+    selected checkpoint reproduces the stored numbers. warmup_examples: the router warm-up's data (default train).
+    """
+    from .finetune import finetune, store_rows
+    from .results import checkpoint_identity
 
     model_cfg, meta = checkpoint.read_config(ckpt)
     ident = checkpoint_identity(model_cfg, meta, backbone)
     name = checkpoint_name(ckpt)  # pretrain run folder, reduced name, or a Hugging Face model's name
     run_dir = out_dir / "finetune" / task / name
-    key = config_hash({"ckpt": checkpoint.checkpoint_hash(ckpt), "cfg": cfg.to_dict(), "n": [len(train), len(val)]})
+    parts = {"ckpt": checkpoint.checkpoint_hash(ckpt), "cfg": cfg.to_dict(), "spec": spec}
+    parts.update(train=cachekey.examples_hash(train), val=cachekey.examples_hash(val))
+    if warmup_examples is not None:
+        parts["warmup"] = cachekey.examples_hash(warmup_examples)
+    key = cachekey.key("finetune", **parts)
     done = _done(run_dir / "result.json", key)
     if done:
         return done["row"]
     model = checkpoint.load(ckpt)
     tok = checkpoint.load_tokenizer(ckpt)
-    res = finetune(model, tok, train, val, cfg, run_dir, progress=progress, meta={**ident, "task": task})
+    res = finetune(
+        model,
+        tok,
+        train,
+        val,
+        cfg,
+        run_dir,
+        progress=progress,
+        meta={**ident, "task": task},
+        warmup_examples=warmup_examples,
+        data_spec=spec,
+    )
     row = {
         **ident,
         "task": task,
         "stage": cfg.stage,
         "seed": cfg.seed,
-        "accuracy": res.best_accuracy,
-        "final_accuracy": res.final_accuracy,
-        "val_loss": res.final_val_loss,
+        "accuracy": res.accuracy,
+        "acc_norm": res.acc_norm,
+        "loss": res.loss,
+        "dev_accuracy": res.dev_accuracy,
+        "dev_loss": res.dev_loss,
+        "best_step": res.best_step,
         "steps": res.steps,
         "seconds": round(res.seconds, 2),
         "run_dir": str(run_dir),
@@ -332,39 +383,45 @@ def finetune_and_record(
         "task": task,
         "stage": cfg.stage,
         "seed": cfg.seed,
-        "config_hash": key,
+        "config_hash": key[:16],
         "seconds": res.seconds,
         "extra": extra or {},
     }
-    store.append_many(
-        [
-            {**common, "metric": "accuracy", "value": res.best_accuracy},
-            {**common, "metric": "val_loss", "value": res.final_val_loss},
-        ]
-    )
+    store.append_many(store_rows(res, common))
     checkpoint.atomic_write_text(run_dir / "result.json", json.dumps({"key": key, "row": row}, default=str))
     return row
 
 
 def stage1_checkpoint(
-    ckpt: Path, cfg, out_dir: Path, corpus: str | None, max_examples: int, backbone: str, progress: bool
+    ckpt: Path,
+    cfg,
+    out_dir: Path,
+    corpus: str | None,
+    max_examples: int,
+    backbone: str,
+    progress: bool,
+    warmup_examples=None,
 ) -> Path:
     """Stage 1 of the paper's finetuning (instruction mix + pretraining windows at cfg.mix_ratio), once per model.
 
-    Runs before the task finetune; for a reduced model it is the first training after reduction, so the router-only
-    warm-up happens here. Returns the stage-1 checkpoint (skipped when done with the same settings).
+    Runs before the task finetune; for a reduced model it is the first training after reduction, so its router-only
+    warm-up runs here first: on warmup_examples (the task's training examples: the paper's A4) when given, else on
+    the instruction mix. Returns the stage-1 checkpoint (skipped when done under the same cache key).
     """
     from .finetune import INSTRUCTIONS, finetune, task_data
-    from .results import checkpoint_identity, config_hash
-    from .train import resolve_corpus
+    from .results import checkpoint_identity
 
     name = checkpoint_name(ckpt)
     run_dir = out_dir / "stage1" / name
-    key = config_hash({"ckpt": checkpoint.checkpoint_hash(ckpt), "cfg": cfg.to_dict(), "n": max_examples})
-    if _done(run_dir / "result.json", key) and (run_dir / "checkpoint" / "config.json").is_file():
-        return run_dir / "checkpoint"
     model_cfg, meta = checkpoint.read_config(ckpt)
     train, val = task_data(INSTRUCTIONS, corpus, None, "auto", max_examples, max(1, max_examples // 4), cfg.seed)
+    warm = warmup_examples if model_cfg.expert_map is not None and cfg.router_warmup_steps > 0 else None
+    parts = {"ckpt": checkpoint.checkpoint_hash(ckpt), "cfg": cfg.to_dict(), "train": cachekey.examples_hash(train)}
+    parts.update(val=cachekey.examples_hash(val), corpus=cachekey.corpus_key(corpus) if cfg.mix_ratio > 0 else None)
+    parts["warmup"] = None if warm is None else cachekey.examples_hash(warm)
+    key = cachekey.key("stage1", **parts)
+    if _done(run_dir / "result.json", key) and (run_dir / "checkpoint" / "config.json").is_file():
+        return run_dir / "checkpoint"
     tokens = resolve_corpus(corpus).split("train") if cfg.mix_ratio > 0 else None
     ident = checkpoint_identity(model_cfg, meta, backbone)
     res = finetune(
@@ -377,8 +434,9 @@ def stage1_checkpoint(
         tokens,
         progress=progress,
         meta={**ident, "stage": "stage1", "parent": str(ckpt), "corpus": corpus},
+        warmup_examples=warm,
     )
-    doc = {"key": key, "accuracy": res.final_accuracy, "steps": res.steps, "seconds": res.seconds}
+    doc = {"key": key, "accuracy": res.accuracy, "steps": res.steps, "seconds": res.seconds}
     checkpoint.atomic_write_text(run_dir / "result.json", json.dumps(doc))
     return run_dir / "checkpoint"
 
@@ -388,8 +446,12 @@ def pruning_study(p) -> pd.DataFrame:
 
     References: the base model itself (Z experts) and each variant of notebook 01 whose expert count is a target
     D (the equal-size models trained from scratch) or 1 (dense). Reductions reuse one calibration per task.
+    A reduced model's router-only warm-up runs before its first training (stage 1 when p.stage1 is set, else the
+    task finetune) on p.router_warmup_data: "task" (the task's training examples, the paper's A4) or
+    "instructions" (the stage-1 instruction mix).
     """
-    from .finetune import FinetuneConfig, task_data
+    from .finetune import INSTRUCTIONS, FinetuneConfig, data_spec, task_data
+    from .protocol import dev_split
 
     if isinstance(p.base_variant, list):  # several bases (e.g. switch-base-8 ... -128): one study each
         return _per_base_studies(p)
@@ -399,19 +461,29 @@ def pruning_study(p) -> pd.DataFrame:
     cfg = FinetuneConfig.from_dict({**p.finetune, "seed": p.seed})
     refs = [base] + reference_checkpoints(out, p.reference_variants, p.seed)
     cfg1 = FinetuneConfig.from_dict({**p.stage1, "stage": "stage1", "seed": p.seed}) if p.stage1 else None
-    if cfg1 is not None:  # the router warm-up of reduced models happens in stage 1, their first training
+    if cfg1 is not None:  # the router warm-up of reduced models happens before stage 1, their first training
         cfg = cfg.replace(router_warmup_steps=0)
-
-    def staged(ckpt: Path) -> Path:
-        if cfg1 is None:
-            return ckpt
-        return stage1_checkpoint(ckpt, cfg1, out, p.corpus, p.max_train_examples, p.backbone, p.progress)
+    instructions = None
+    if p.router_warmup_data == INSTRUCTIONS and cfg1 is None:
+        instructions = task_data(INSTRUCTIONS, p.corpus, None, "auto", p.max_train_examples, 1, p.seed)[0]
 
     rows = []
     for task in p.tasks:
         train, val = task_data(task, p.corpus, None, "auto", p.max_train_examples, p.max_eval_examples, p.seed)
+        spec = data_spec(task, p.corpus, p.max_train_examples, p.max_eval_examples, p.seed)
+        task_part = dev_split(train, cfg.dev_fraction, cfg.dev_max_examples, cfg.seed)[0]  # never the dev split
+        warm_task = task_part if p.router_warmup_data == "task" else None
+
+        def staged(ckpt: Path) -> Path:
+            if cfg1 is None:
+                return ckpt
+            return stage1_checkpoint(
+                ckpt, cfg1, out, p.corpus, p.max_train_examples, p.backbone, p.progress, warmup_examples=warm_task
+            )
+
         for ref in refs:
-            rows.append(finetune_and_record(staged(ref), task, train, val, cfg, out, store, p.backbone, p.progress))
+            ft = (staged(ref), task, train, val, cfg, out, store, p.backbone, p.progress)
+            rows.append(finetune_and_record(*ft, spec=spec))
         cal, cal_path = calibration_artifact(
             base,
             task,
@@ -426,10 +498,8 @@ def pruning_study(p) -> pd.DataFrame:
             for d in p.targets:
                 ckpt, rep = reduced_checkpoint(base, cal, cal_path, method, d, out, p.router, p.seed, p.workers)
                 extra = {"reduce_seconds": rep["seconds"]["total"], "experts_per_layer": rep["num_experts"]}
-                row = finetune_and_record(
-                    staged(ckpt), task, train, val, cfg, out, store, p.backbone, p.progress, extra
-                )
-                rows.append(row)
+                ft = (staged(ckpt), task, train, val, cfg, out, store, p.backbone, p.progress, extra)
+                rows.append(finetune_and_record(*ft, spec=spec, warmup_examples=instructions))
     return pd.DataFrame(rows)
 
 

@@ -8,15 +8,23 @@ checkpoints, exact resume, metrics.jsonl). What this module adds:
 - The data: text-to-text examples encoded without packing (`smoe_lab.data.tasks`), loss on the answer tokens only;
   in stage 1 a fraction `mix_ratio` of micro-batches are pretraining LM windows (against forgetting).
 - `router_warmup`: freeze everything but the MoE routers, train them for a few steps on the task batches, unfreeze.
-  The paper does this after pruning because the reduced model's routers are re-initialised.
-- The BEST checkpoint by validation accuracy: after every evaluation, `fit`'s on_eval hook saves the model (with
-  its tokenizer) to out_dir/best when the accuracy is strictly higher than every earlier one. out_dir/checkpoint is
-  the final state (with train state, for resume); out_dir/finetune.json summarises the run.
+  The paper does this after pruning because the reduced model's routers are re-initialised (appendix A4: "on the
+  task data"; `warmup_examples` lets a caller warm up on other data, e.g. the stage-1 instruction mix).
+- The protocol (`smoe_lab.protocol`): a seeded dev split is carved out of the train examples (whole passages or
+  documents move); the model trains on the rest. After every evaluation (on the dev split), `fit`'s on_eval hook
+  saves the model (with its tokenizer) to out_dir/best when the dev accuracy is strictly higher than every earlier
+  one. At the end the selected checkpoint (out_dir/best, read back from disk) is measured ONCE on the validation
+  examples: the reported accuracy, acc_norm and loss, all from that one checkpoint. out_dir/checkpoint is the final
+  state (with train state, for resume); out_dir/finetune.json summarises the run.
+- Schedules: an explicit `steps` shorter than `warmup_steps` is refused; when the steps are derived from `epochs`
+  (the paper's 500 warmup steps and 50 epochs give CB only 196 steps) the warmup is clamped to the run's length
+  with a logged warning, so the peak learning rate is reached.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -31,9 +39,12 @@ import torch
 
 from . import checkpoint
 from .config import TrainConfig, _check_number, _check_positive_int, _fail, _FromDict
-from .data.tasks import Example, TaskBatches, encode_for_training, instruction_mix, load_flan, load_task, subsample
+from .data.tasks import Example, TaskBatches, encode_for_training, instruction_mix, load_flan, load_task
 from .evaluate import evaluate_task
+from .protocol import EvalSpec, dev_split
 from .train import Batch, autocast_for, fit, lr_at, make_optimizer
+
+log = logging.getLogger("smoe_lab")
 
 STAGES = ("stage1", "stage2")
 INSTRUCTIONS = "instructions"  # the task name of the stage-1 instruction mix
@@ -49,8 +60,9 @@ class FinetuneConfig(_FromDict):
     batch_size: global batch in examples; micro_batch_size examples go through the model at once.
     router_warmup_steps / router_warmup_lr: router-only training before full finetuning; it runs when
     router_warmup_steps > 0 and the model is reduced (config.expert_map set) or router_warmup_on == "always".
-    eval_every: evaluate (and keep the best checkpoint) every so many steps; 0 = only at the end.
-    eval_max_examples: a seeded subset of the validation examples used during training (0 = all).
+    eval_every: evaluate on the dev split (and keep the best checkpoint) every so many steps; 0 = only at the end.
+    dev_fraction / dev_max_examples: the share of the train examples held out (seeded by `seed`, whole passages)
+    as the dev split that selects the checkpoint, at most dev_max_examples of them (0 = no cap).
     mix_ratio (stage 1 only): fraction of micro-batches that are pretraining LM windows instead of instructions.
     """
 
@@ -71,7 +83,8 @@ class FinetuneConfig(_FromDict):
     router_warmup_lr: float = 1e-4
     router_warmup_on: str = "reduced"
     eval_every: int = 0
-    eval_max_examples: int = 0
+    dev_fraction: float = 0.1
+    dev_max_examples: int = 0
     eval_batch_size: int = 16
     block_size: int | None = None
     mix_ratio: float = 0.0
@@ -87,7 +100,7 @@ class FinetuneConfig(_FromDict):
             _fail(c, "stage", f"must be one of {STAGES}, got {self.stage!r}")
         for name in ("batch_size", "micro_batch_size", "eval_batch_size", "log_every"):
             _check_positive_int(c, name, getattr(self, name))
-        for name in ("steps", "warmup_steps", "router_warmup_steps", "eval_every", "eval_max_examples", "seed"):
+        for name in ("steps", "warmup_steps", "router_warmup_steps", "eval_every", "dev_max_examples", "seed"):
             _check_positive_int(c, name, getattr(self, name), minimum=0)
         _check_positive_int(c, "checkpoint_every", self.checkpoint_every, minimum=0)
         if self.block_size is not None:
@@ -109,6 +122,16 @@ class FinetuneConfig(_FromDict):
         _check_number(c, "eps", self.eps, 0.0, lo_open=True)
         _check_number(c, "grad_clip", self.grad_clip, 0.0)
         _check_number(c, "mix_ratio", self.mix_ratio, 0.0, 1.0)
+        _check_number(c, "dev_fraction", self.dev_fraction, 0.0, 1.0, lo_open=True)
+        if self.dev_fraction >= 1.0:
+            _fail(c, "dev_fraction", f"must be < 1 (something must be left to train on), got {self.dev_fraction}")
+        if self.steps and self.warmup_steps > self.steps:
+            _fail(
+                c,
+                "warmup_steps",
+                f"{self.warmup_steps} exceeds steps={self.steps}: the learning rate would never reach lr={self.lr:g}"
+                " (lower warmup_steps or raise steps)",
+            )
         if self.mix_ratio >= 1.0:
             _fail(c, "mix_ratio", f"must be < 1 (some micro-batches must be task data), got {self.mix_ratio}")
         if self.stage == "stage2" and self.mix_ratio > 0:
@@ -149,6 +172,21 @@ class FinetuneConfig(_FromDict):
         """Optimizer steps of the run: `steps`, or ceil(epochs * n_train / batch_size)."""
         return self.steps or max(1, math.ceil(self.epochs * n_train / self.batch_size))
 
+    def warmup_for(self, max_steps: int) -> int:
+        """warmup_steps, clamped (with a logged warning) to a run of max_steps derived from epochs."""
+        if self.warmup_steps <= max_steps:
+            return self.warmup_steps
+        log.warning(
+            "FinetuneConfig.warmup_steps: %d exceeds the run's %d steps (epochs=%g); warming up over %d steps so the "
+            "peak lr %g is reached",
+            self.warmup_steps,
+            max_steps,
+            self.epochs,
+            max_steps,
+            self.lr,
+        )
+        return max_steps
+
     def train_config(self, max_steps: int) -> TrainConfig:
         """The `fit` settings for a run of max_steps steps (eval_every 0 -> evaluate at the end only)."""
         return TrainConfig(
@@ -157,7 +195,7 @@ class FinetuneConfig(_FromDict):
             micro_batch_size=self.micro_batch_size,
             lr=self.lr,
             min_lr=self.min_lr,
-            warmup_steps=self.warmup_steps,
+            warmup_steps=self.warmup_for(max_steps),
             weight_decay=self.weight_decay,
             beta1=self.beta1,
             beta2=self.beta2,
@@ -295,18 +333,50 @@ def router_warmup(
 
 @dataclass
 class FinetuneResult:
-    best_accuracy: float
+    """What a finetuning run measured. The reported numbers (accuracy, acc_norm, loss) come from the selected
+    checkpoint (best_checkpoint, chosen on the dev split at best_step) measured once on the validation examples;
+    dev_* are that checkpoint's selection numbers, final_dev_* the last step's."""
+
+    accuracy: float
+    acc_norm: float
+    loss: float
+    n_report: int
+    dev_accuracy: float
+    dev_acc_norm: float
+    dev_loss: float
     best_step: int
-    final_accuracy: float
-    final_val_loss: float
+    final_dev_accuracy: float
+    final_dev_loss: float
     final_train_loss: float
     steps: int
     seconds: float
     best_checkpoint: str
     checkpoint: str | None
     metrics: str | None
+    n_train: int = 0
+    n_dev: int = 0
     router_warmup: dict[str, Any] | None = None
-    history: list[dict[str, float]] = field(default_factory=list)  # one row per evaluation: step, val_*
+    history: list[dict[str, float]] = field(default_factory=list)  # one row per evaluation: step, dev_*
+
+    @property
+    def report(self) -> dict[str, float]:
+        """The reported numbers in evaluate_task's keys (for `smoe_lab.protocol.metric_rows`)."""
+        return {"accuracy": self.accuracy, "acc_norm": self.acc_norm, "loss": self.loss}
+
+    @property
+    def selection(self) -> dict[str, float]:
+        """The selected checkpoint's dev numbers in evaluate_task's keys."""
+        return {"accuracy": self.dev_accuracy, "acc_norm": self.dev_acc_norm, "loss": self.dev_loss}
+
+
+def store_rows(res: FinetuneResult, common: dict[str, Any]) -> list[dict[str, Any]]:
+    """Results-store rows of a finetuning: the reported numbers under "accuracy", "acc_norm", "loss" (validation
+    split, selected checkpoint) and the selection numbers under "dev_accuracy", "dev_acc_norm", "dev_loss"."""
+    from .protocol import DEV_SPLIT, REPORT_SPLIT, metric_rows
+
+    info = {"best_step": res.best_step, "n_report": res.n_report, "n_dev": res.n_dev, "n_train": res.n_train}
+    common = {**common, "extra": {**(common.get("extra") or {}), **info, "checkpoint": res.best_checkpoint}}
+    return metric_rows(common, res.report, REPORT_SPLIT) + metric_rows(common, res.selection, DEV_SPLIT)
 
 
 def _check_inputs(model, tok, train_examples, val_examples, cfg: FinetuneConfig, pretrain_tokens) -> int:
@@ -336,7 +406,7 @@ def _previous_best(path: Path) -> tuple[float, int]:
     if not (path / checkpoint.CONFIG).is_file():
         return -math.inf, 0
     meta = checkpoint.read_config(path)[1]
-    return float(meta.get("val_accuracy", -math.inf)), int(meta.get("step", 0))
+    return float(meta.get("dev_accuracy", -math.inf)), int(meta.get("step", 0))
 
 
 def finetune(
@@ -350,51 +420,69 @@ def finetune(
     progress: bool = True,
     resume: bool = False,
     meta: dict[str, Any] | None = None,
+    warmup_examples: Sequence[Example] | None = None,
+    data_spec: dict[str, Any] | None = None,
 ) -> FinetuneResult:
-    """Finetune `model` in place on train_examples, evaluating accuracy on val_examples; see the module docstring.
+    """Finetune `model` in place on train_examples and report on val_examples; see the module docstring.
 
-    Optional router-only warm-up (not repeated on resume), then `fit` for cfg.total_steps(len(train_examples))
-    steps. Writes out_dir/checkpoint (final), out_dir/best (best validation accuracy; strictly higher replaces it),
-    out_dir/metrics.jsonl and out_dir/finetune.json. pretrain_tokens: a corpus "train" stream for stage 1's LM
-    micro-batches. meta: extra fields stored in both checkpoints (e.g. base_model, method, z, d).
+    The dev split is carved from train_examples (cfg.dev_fraction, cfg.dev_max_examples, cfg.seed); the model
+    trains on the rest for cfg.total_steps(len(rest)) steps, after an optional router-only warm-up (not repeated
+    on resume) on warmup_examples (default: the training part). Writes out_dir/checkpoint (final), out_dir/best
+    (best dev accuracy; strictly higher replaces it), out_dir/metrics.jsonl and out_dir/finetune.json.
+    pretrain_tokens: a corpus "train" stream for stage 1's LM micro-batches. meta: extra fields stored in both
+    checkpoints (e.g. base_model, method, z, d). data_spec: how the examples were loaded (task, max_train_examples,
+    max_eval_examples, seed, corpus, root, source); with it the best checkpoint carries an `EvalSpec`, so
+    `smoe-lab evaluate` on it reproduces the reported numbers.
     """
     block = _check_inputs(model, tok, train_examples, val_examples, cfg, pretrain_tokens)
-    steps = cfg.total_steps(len(train_examples))
+    train_part, dev = dev_split(list(train_examples), cfg.dev_fraction, cfg.dev_max_examples, cfg.seed)
+    steps = cfg.total_steps(len(train_part))
     tcfg = cfg.train_config(steps)
     from .train import resolve_device
 
     device = resolve_device(tcfg)
     model.to(device)
     out_dir = Path(out_dir)
+    spec = None
+    if data_spec is not None:
+        fixed = dict(dev_fraction=cfg.dev_fraction, dev_max_examples=cfg.dev_max_examples)
+        fixed.update(batch_size=cfg.eval_batch_size, block_size=block, dtype=cfg.dtype)
+        spec = EvalSpec(**{"seed": cfg.seed, **data_spec, **fixed})
+    if resume and checkpoint.load_train_state(out_dir / "checkpoint") is None:
+        raise FileNotFoundError(f"resume: no checkpoint with train state at {out_dir / 'checkpoint'}")
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
-    encoded = encode_for_training(tok, train_examples, block)
+    encoded = encode_for_training(tok, train_part, block)
     tasks = TaskBatches(encoded, cfg.micro_batch_size, gen, pad_id=tok.eot_id)
     use_mix = cfg.stage == "stage1" and cfg.mix_ratio > 0
     next_batch = MixedBatches(tasks, pretrain_tokens, cfg.mix_ratio, block, gen) if use_mix else tasks
-    val = subsample(list(val_examples), cfg.eval_max_examples, cfg.seed)
     run_meta = {
         "kind": "finetune",
         "stage": cfg.stage,
         "tasks": sorted({e.task for e in train_examples}),
-        "train_examples": len(train_examples),
-        "val_examples": len(val),
+        "train_examples": len(train_part),
+        "dev_examples": len(dev),
+        "val_examples": len(val_examples),
         "block_size_used": block,
         "finetune_config": cfg.to_dict(),
+        **({"eval_spec": spec.to_dict()} if spec is not None else {}),
         **(meta or {}),
     }
     warm = None
     if resume:
         state = checkpoint.load_train_state(out_dir / "checkpoint")
-        if state is None:
-            raise FileNotFoundError(f"resume: no checkpoint with train state at {out_dir / 'checkpoint'}")
         next_batch.skip(int(state["step"]) * tcfg.grad_accum_steps)
+        warm = checkpoint.read_config(out_dir / "checkpoint")[1].get("router_warmup")
     elif cfg.wants_router_warmup(model):
+        warm_on = list(warmup_examples) if warmup_examples is not None else train_part
+        warm_enc = encoded if warmup_examples is None else encode_for_training(tok, warm_on, block)
         warm_batches = TaskBatches(
-            encoded, cfg.micro_batch_size, torch.Generator().manual_seed(cfg.seed + 1), tok.eot_id
+            warm_enc, cfg.micro_batch_size, torch.Generator().manual_seed(cfg.seed + 1), tok.eot_id
         )
         warm = router_warmup(model, warm_batches, tcfg, cfg.router_warmup_steps, cfg.router_warmup_lr, progress)
+        warm["data"] = sorted({e.task for e in warm_on})
+    if warm is not None:
         run_meta["router_warmup"] = warm
 
     best_acc, best_step = _previous_best(out_dir / "best") if resume else (-math.inf, 0)
@@ -402,13 +490,13 @@ def finetune(
     history: list[dict[str, float]] = []
 
     def evaluate(m) -> dict[str, float]:
-        r = evaluate_task(m, tok, val, cfg.eval_batch_size, block_size=block, dtype=cfg.dtype)
-        return {"val_accuracy": r["accuracy"], "val_loss": r["loss"]}
+        r = evaluate_task(m, tok, dev, cfg.eval_batch_size, block_size=block, dtype=cfg.dtype)
+        return {"dev_accuracy": r["accuracy"], "dev_acc_norm": r["acc_norm"], "dev_loss": r["loss"]}
 
     def on_eval(step: int, row: dict[str, float]) -> None:
         history.append({"step": step, **row})
-        if row["val_accuracy"] > best["accuracy"]:
-            best.update(accuracy=row["val_accuracy"], step=step)
+        if row["dev_accuracy"] > best["accuracy"]:
+            best.update(accuracy=row["dev_accuracy"], step=step)
             checkpoint.save(model, out_dir / "best", tokenizer=tok, step=step, **row, **run_meta)
 
     desc = f"finetune {cfg.stage} {','.join(run_meta['tasks'])[:40]}"
@@ -426,17 +514,29 @@ def finetune(
         on_eval=on_eval,
         tokenizer=tok,
     )
+    chosen = checkpoint.load(out_dir / "best", device=device)  # what is on disk is what gets reported
+    chosen_meta = chosen.checkpoint_meta
+    report = evaluate_task(chosen, tok, val_examples, cfg.eval_batch_size, block_size=block, dtype=cfg.dtype)
+    final = res.eval or {k: chosen_meta.get(k, math.nan) for k in ("dev_accuracy", "dev_loss")}
     result = FinetuneResult(
-        best_accuracy=best["accuracy"],
-        best_step=best["step"],
-        final_accuracy=res.eval["val_accuracy"],
-        final_val_loss=res.eval["val_loss"],
+        accuracy=report["accuracy"],
+        acc_norm=report["acc_norm"],
+        loss=report["loss"],
+        n_report=len(val_examples),
+        dev_accuracy=float(chosen_meta["dev_accuracy"]),
+        dev_acc_norm=float(chosen_meta["dev_acc_norm"]),
+        dev_loss=float(chosen_meta["dev_loss"]),
+        best_step=int(chosen_meta["step"]),
+        final_dev_accuracy=final["dev_accuracy"],
+        final_dev_loss=final["dev_loss"],
         final_train_loss=res.final_loss,
         steps=res.steps,
-        seconds=res.seconds + (warm["seconds"] if warm else 0.0),
+        seconds=res.seconds + (warm["seconds"] if warm and not resume else 0.0),
         best_checkpoint=str(out_dir / "best"),
         checkpoint=res.checkpoint,
         metrics=res.metrics,
+        n_train=len(train_part),
+        n_dev=len(dev),
         router_warmup=warm,
         history=history,
     )
@@ -460,7 +560,8 @@ def task_data(
     flan: str | Path | None = None,
 ) -> tuple[list[Example], list[Example]]:
     """(train, validation) examples of a task (any name `load_task` knows), or of "instructions": the stage-1
-    instruction mix (max_*_examples then count per instruction task) plus, when given, a FLAN JSONL file."""
+    instruction mix (max_*_examples then count per instruction task) plus, when given, a FLAN JSONL file.
+    The dev split that selects checkpoints is carved from `train` by `finetune` (smoe_lab.protocol.dev_split)."""
     if task == INSTRUCTIONS:
         train = instruction_mix(max_train_examples, seed, "train")
         if flan is not None:
@@ -470,6 +571,29 @@ def task_data(
         raise ValueError(f"a FLAN file is stage-1 data: use it with task {INSTRUCTIONS!r}, not {task!r}")
     train = load_task(task, "train", root, source, max_train_examples, seed, corpus)
     return train, load_task(task, "validation", root, source, max_val_examples, seed, corpus)
+
+
+def data_spec(
+    task: str,
+    corpus: Any,
+    max_train_examples: int | None,
+    max_val_examples: int | None,
+    seed: int,
+    root: Any = None,
+    source: str = "auto",
+) -> dict[str, Any] | None:
+    """How `task_data` loaded a task's examples, for the EvalSpec of the chosen checkpoint (None for stage 1)."""
+    if task == INSTRUCTIONS:
+        return None
+    return {
+        "task": task.lower(),
+        "seed": seed,
+        "max_train_examples": max_train_examples,
+        "max_eval_examples": max_val_examples,
+        "corpus": None if corpus is None else str(corpus),
+        "root": None if root is None else str(root),
+        "source": source,
+    }
 
 
 def finetune_checkpoint(
@@ -485,19 +609,21 @@ def finetune_checkpoint(
     base_model: str | None = None,
     resume: bool = False,
     progress: bool = True,
+    max_eval_examples: int | None = None,
 ) -> FinetuneResult:
     """Finetune the checkpoint at `path` on `task` (or "instructions" for stage 1) into out_dir.
 
     corpus (cloze tasks, stage-1 LM mixing) defaults to the corpus named in the checkpoint's meta. The saved
     checkpoints carry the parent's identity for the results store (base_model, method, z, d; see
-    `smoe_lab.results.checkpoint_identity`), the parent path and the task.
+    `smoe_lab.results.checkpoint_identity`), the parent path, the task and (tasks) the EvalSpec that
+    `smoe-lab evaluate` reproduces the reported numbers with.
     """
     from .results import checkpoint_identity
     from .train import resolve_corpus
 
     model_cfg, parent_meta = checkpoint.read_config(path)
     corpus = corpus or parent_meta.get("corpus")
-    train, val = task_data(task, corpus, root, source, max_train_examples, None, cfg.seed, flan)
+    train, val = task_data(task, corpus, root, source, max_train_examples, max_eval_examples, cfg.seed, flan)
     tokens = None
     if cfg.stage == "stage1" and cfg.mix_ratio > 0:
         if corpus is None:
@@ -511,4 +637,5 @@ def finetune_checkpoint(
     }
     model = checkpoint.load(path)
     tok = checkpoint.load_tokenizer(path)
-    return finetune(model, tok, train, val, cfg, out_dir, tokens, progress, resume, meta)
+    spec = data_spec(task, corpus, max_train_examples, max_eval_examples, cfg.seed, root, source)
+    return finetune(model, tok, train, val, cfg, out_dir, tokens, progress, resume, meta, data_spec=spec)

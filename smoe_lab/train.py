@@ -3,6 +3,11 @@
 AdamW (weight decay on matrices only), linear warmup + linear decay, gradient clipping, gradient accumulation up
 to the global batch, bf16 autocast on CUDA / fp32 on CPU, aux loss added with its coefficient, periodic
 evaluation, JSONL metrics, tqdm progress, atomic checkpoints and exact resume.
+
+Resume is exact because a checkpoint holds everything the next step reads: weights, optimizer state, the data
+generator, the CPU RNG and (on CUDA) every device's RNG. A step's evaluation runs before its checkpoint is
+written, so a checkpoint at step k means step k's evaluation (and best-checkpoint choice) happened.
+A warmup longer than the run is refused (`TrainConfig.check_schedule`).
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from . import checkpoint
+from . import checkpoint, faults
 from .config import ModelConfig, PretrainParams, TrainConfig
 from .data.corpus import resolve_corpus
 from .model import GPT
@@ -158,6 +163,7 @@ def fit(
     Raises FloatingPointError on a non-finite loss, before anything is written for that step.
     cfg.engine == "deepspeed" runs the same loop through DeepSpeed over the launcher's ranks (smoe_lab.ds.engine).
     """
+    cfg.check_schedule()
     if cfg.engine == "deepspeed":
         from .ds.engine import fit as deepspeed_fit
 
@@ -186,10 +192,17 @@ def fit(
         if state is None:
             raise FileNotFoundError(f"--resume: no checkpoint with train state at {ck_path}")
         weights = checkpoint.load(ck_path, device=device)
-        model.load_state_dict(weights.state_dict())
-        opt.load_state_dict(state["optimizer"])
+        checkpoint.load_weights_into(model, weights.state_dict(), ck_path)
+        try:
+            opt.load_state_dict(state["optimizer"])
+        except (ValueError, KeyError) as e:
+            raise ValueError(
+                f"{ck_path / checkpoint.TRAIN_STATE}: optimizer state does not fit this model ({e})"
+            ) from None
         generator.set_state(state["generator"])
         torch.set_rng_state(state["torch_rng"])
+        if state.get("cuda_rng") is not None and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
         start = int(state["step"])
         if hasattr(next_batch, "load_state_dict"):  # a data plan: continue at its consumed-sample count
             next_batch.load_state_dict(state.get("data"))
@@ -206,6 +219,7 @@ def fit(
             "optimizer": opt.state_dict(),
             "generator": generator.get_state(),
             "torch_rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None,
         }
         if hasattr(next_batch, "state_dict"):
             train_state["data"] = next_batch.state_dict()
@@ -213,6 +227,7 @@ def fit(
 
     bar = tqdm(range(start, cfg.max_steps), desc=desc, disable=not progress, initial=start, total=cfg.max_steps)
     for step in bar:
+        faults.hit("step")  # test hook: SMOE_LAB_KILL_AT=step:N kills the process here (between steps)
         model.train()
         lr = lr_at(step, cfg)
         for g in opt.param_groups:
@@ -257,13 +272,13 @@ def fit(
                 **_telemetry_row(model),
             )
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}")
-        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.max_steps:
-            save(done)
         if evaluate is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             eval_row = evaluate(model)
             log.write(kind="eval", step=done, tokens=done * tokens_per_step, **eval_row)
             if on_eval is not None:
                 on_eval(done, eval_row)
+        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.max_steps:
+            save(done)  # after the evaluation: a checkpoint at step k means step k was evaluated
     seconds = time.perf_counter() - t0
     return FitResult(
         steps=cfg.max_steps,
@@ -311,6 +326,10 @@ def pretrain(
             f"{corpus_obj.tokenizer.vocab_size}"
         )
     val_tokens = corpus_obj.split("val")
+    train_cfg.check_schedule()
+    out_dir = Path(out_dir)
+    if resume and checkpoint.load_train_state(out_dir / "checkpoint") is None:
+        raise FileNotFoundError(f"--resume: no checkpoint with train state at {out_dir / 'checkpoint'}")
     device = resolve_device(train_cfg)
     torch.manual_seed(train_cfg.seed)
     model = GPT(model_cfg, seed=train_cfg.seed).to(device)
@@ -339,13 +358,20 @@ def pretrain(
         "params": model.num_params(),
         "active_params": model.num_active_params(),
         "train_config": train_cfg.to_dict(),
+        "cache_key": pretrain_key(model_cfg, train_cfg, corpus_obj.path),
     }
-    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     checkpoint.atomic_write_text(out_dir / "run.json", json.dumps(meta, indent=2, default=str))
     desc = f"pretrain {model_cfg.label()}"
     tok = corpus_obj.tokenizer
     return fit(model, train_cfg, next_batch, out_dir, gen, evaluate, resume, meta, progress, desc, tokenizer=tok)
+
+
+def pretrain_key(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus_path: str | Path) -> str:
+    """Cache key of a pretraining run: package source, model and train configs, the corpus's content."""
+    from .cachekey import corpus_hash, key
+
+    return key("pretrain", model=model_cfg.to_dict(), train=train_cfg.to_dict(), corpus=corpus_hash(corpus_path))
 
 
 def pretrain_from_params(params: PretrainParams, progress: bool = True) -> FitResult:

@@ -78,3 +78,24 @@ def test_bad_calibration_input_is_a_clear_error(tiny_cfg, moe):
         check_compatible(calibrate(moe, _batches()), other)
     with pytest.raises(FileNotFoundError, match="calibration artifact not found"):
         Calibration.load("/nonexistent/cal.safetensors")
+
+
+def test_logit_recording_is_switched_on_for_calibration(moe):
+    """A model whose record_logits is off (e.g. left so by a profiler) still gives the real Gram matrix, never
+    zeros, and keeps its setting afterwards."""
+    want = calibrate(moe, _batches())
+    moe.set_record_logits(False)
+    got = calibrate(moe, _batches())
+    for a, b in zip(want.layers, got.layers):
+        assert float(b.gram.abs().sum()) > 0 and torch.equal(a.gram, b.gram)
+    assert [m.record_logits for m in moe.moe_layers()] == [False, False]
+
+
+def test_truncated_or_wrong_artifacts_are_one_clear_error(moe, tmp_path):
+    path = calibrate(moe, _batches()).save(tmp_path / "cal.safetensors")
+    data = path.read_bytes()
+    (tmp_path / "cut.safetensors").write_bytes(data[: len(data) // 2])
+    with pytest.raises(ValueError, match="cut.safetensors.*(truncated|corrupted)"):
+        Calibration.load(tmp_path / "cut.safetensors")
+    with pytest.raises(ValueError, match="is a folder"):
+        Calibration.load(tmp_path)

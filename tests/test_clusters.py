@@ -67,3 +67,19 @@ def test_figures_hold_the_view_data(explorer):
     assert sum(len(t.x) for t in grid.data) == 2 * Z
     spec = plots.eigen_spectrum(v)
     assert np.allclose(spec.data[0].y, v.eigenvalues)
+
+
+@pytest.mark.parametrize("method", ["random", "hybrid", "mcsmoe"])
+def test_explorer_shows_exactly_what_reduce_model_does(method):
+    """One rule, one place: for every layer and D the explorer's partition is reduce_model's (random's draw and
+    hybrid's per-layer choice included)."""
+    from smoe_lab.reduce.methods import reduce_model
+
+    model, _, _ = planted_model()
+    cal = calibrate(model, batches())
+    ex = ClusterExplorer(cal, seed=3)
+    for d in (2, 5):
+        _, report = reduce_model(model, method, d, cal, seed=3)
+        for layer, lr in enumerate(report.layers):
+            v = ex.view(layer, d, method)
+            assert v.labels.tolist() == lr.labels.tolist() and v.centres == lr.centres, (method, d, layer)

@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from required import need_module
 
-pytest.importorskip("deepspeed")
+need_module("deepspeed", "deepspeed")  # fails instead of skipping where SMOE_LAB_REQUIRE names deepspeed
 
 from smoe_lab import checkpoint  # noqa: E402
 from smoe_lab.calibrate import calibrate  # noqa: E402

@@ -51,7 +51,7 @@ def _model(tok, **kw):
 
 
 def _cfg(**kw):
-    base = dict(batch_size=16, micro_batch_size=16, lr=3e-3, warmup_steps=10, weight_decay=0.0, device="cpu")
+    base = dict(batch_size=16, micro_batch_size=16, lr=3e-3, warmup_steps=0, weight_decay=0.0, device="cpu")
     return FinetuneConfig(**{**base, "dtype": "float32", **kw})
 
 
@@ -68,7 +68,7 @@ def test_config_validation_and_paper_values():
     assert (p.eps, p.beta1, p.beta2, p.grad_clip, p.stage, p.mix_ratio) == (1e-8, 0.9, 0.95, 1.0, "stage2", 0.0)
     assert FinetuneConfig.paper("stage1").mix_ratio > 0
     assert p.total_steps(250) == 196  # ceil(50 * 250 / 64)
-    assert FinetuneConfig(steps=7).total_steps(10_000) == 7
+    assert FinetuneConfig(steps=7, warmup_steps=0).total_steps(10_000) == 7
     for bad, field in [
         (dict(stage="stage3"), "stage"),
         (dict(batch_size=10, micro_batch_size=4), "batch_size"),
@@ -78,6 +78,9 @@ def test_config_validation_and_paper_values():
         (dict(epochs=0.0), "epochs"),
         (dict(block_size=0), "block_size"),
         (dict(router_warmup_on="sometimes"), "router_warmup_on"),
+        (dict(steps=200), "warmup_steps"),  # the README's old example: 500 warmup steps in a 200-step run
+        (dict(dev_fraction=0.0), "dev_fraction"),
+        (dict(dev_fraction=1.0), "dev_fraction"),
     ]:
         with pytest.raises(ValueError, match=f"FinetuneConfig.{field}"):
             FinetuneConfig(**bad)
@@ -110,18 +113,47 @@ def test_short_finetune_learns_a_synthetic_task(tok, tmp_path):
     train, val = animal_task(256, 0), animal_task(100, 1)
     model = _model(tok, num_experts=4)
     before = evaluate_task(model, tok, val)["accuracy"]
-    res = finetune(model, tok, train, val, _cfg(steps=60, eval_every=30), tmp_path, progress=False, meta={"z": 4})
+    cfg = _cfg(steps=60, eval_every=30, warmup_steps=10)
+    res = finetune(model, tok, train, val, cfg, tmp_path, progress=False, meta={"z": 4})
     assert chance_baseline(val) == 0.5 and before < 0.75
-    assert res.final_accuracy >= 0.9 and res.best_accuracy >= res.final_accuracy
+    assert res.accuracy >= 0.9 and res.n_report == 100 and res.n_dev == 26 and res.n_train == 230
     assert [h["step"] for h in res.history] == [30, 60] and res.steps == 60
     best = checkpoint.load(res.best_checkpoint)
     meta = checkpoint.read_config(res.best_checkpoint)[1]
-    assert meta["val_accuracy"] == res.best_accuracy and meta["step"] == res.best_step and meta["z"] == 4
+    assert meta["dev_accuracy"] == res.dev_accuracy and meta["step"] == res.best_step and meta["z"] == 4
     again = evaluate_task(best, checkpoint.load_tokenizer(res.best_checkpoint), val)
-    assert again["accuracy"] == res.best_accuracy  # the best checkpoint is self-contained
+    assert (again["accuracy"], again["loss"]) == (res.accuracy, res.loss)  # the selected checkpoint is self-contained
     evals = [r for r in read_metrics(res.metrics) if r["kind"] == "eval"]
-    assert [r["val_accuracy"] for r in evals] == [h["val_accuracy"] for h in res.history]
-    assert json.loads((tmp_path / "finetune.json").read_text())["best_accuracy"] == res.best_accuracy
+    assert [r["dev_accuracy"] for r in evals] == [h["dev_accuracy"] for h in res.history]
+    assert res.dev_accuracy == max(h["dev_accuracy"] for h in res.history)
+    assert json.loads((tmp_path / "finetune.json").read_text())["accuracy"] == res.accuracy
+
+
+def test_selection_on_dev_then_one_report_on_validation(tok, tmp_path, monkeypatch):
+    """Periodic evaluations see only dev examples carved from train (never validation); the reported accuracy and
+    loss are ONE evaluation of the selected checkpoint on validation, even when a later step scores higher there."""
+    train, val = animal_task(64, 0), animal_task(24, 1)
+    val = [Example("animal", f"val{i}", e.input, e.choices, e.label) for i, e in enumerate(val)]
+    calls = []
+    real = ft.evaluate_task
+
+    def spy(model, tok_, examples, *a, **k):
+        r = real(model, tok_, examples, *a, **k)
+        step = getattr(model, "checkpoint_meta", {}).get("step")  # set only on a model read from disk
+        calls.append(({e.idx for e in examples}, r, step))
+        return r
+
+    monkeypatch.setattr(ft, "evaluate_task", spy)
+    res = finetune(_model(tok, num_experts=4), tok, train, val, _cfg(steps=6, eval_every=2), tmp_path, progress=False)
+    val_ids, train_ids = {e.idx for e in val}, {e.idx for e in train}
+    during, report = calls[:-1], calls[-1]
+    assert len(during) == 3 and all(ids < train_ids and not ids & val_ids for ids, _, _ in during)
+    assert report[0] == val_ids and report[2] == res.best_step  # the report scores the checkpoint read from best/
+    assert (res.accuracy, res.loss, res.acc_norm) == (report[1]["accuracy"], report[1]["loss"], report[1]["acc_norm"])
+    from smoe_lab.protocol import dev_split
+
+    kept, dev = dev_split(train, 0.1, 0, 0)
+    assert {e.idx for e in dev} == during[0][0] and len(kept) + len(dev) == len(train) and res.n_train == len(kept)
 
 
 def test_reduced_model_gets_router_warmup_first(tok, tmp_path):
@@ -173,13 +205,13 @@ def test_finetune_resume_is_bit_exact(tok, tmp_path, monkeypatch):
     real = ft.evaluate_task
     calls = []
 
-    def crash_on_first(*a, **k):
+    def crash_on_second(*a, **k):  # the step-6 evaluation, which runs before the step-6 checkpoint is written
         calls.append(1)
-        if len(calls) == 1:
+        if len(calls) == 2:
             raise Crash
         return real(*a, **k)
 
-    monkeypatch.setattr(ft, "evaluate_task", crash_on_first)
+    monkeypatch.setattr(ft, "evaluate_task", crash_on_second)
     with pytest.raises(Crash):
         finetune(_model(tok, num_experts=4), tok, train, val, cfg, tmp_path / "split", progress=False)
     assert checkpoint.read_config(tmp_path / "split" / "checkpoint")[1]["step"] == 3
@@ -191,10 +223,14 @@ def test_finetune_resume_is_bit_exact(tok, tmp_path, monkeypatch):
     train_losses = {d: [(r["step"], r["loss"]) for r in rows[d] if r["kind"] == "train"] for d in rows}
     assert train_losses["full"] == train_losses["split"] and len(train_losses["full"]) == 6
     final_eval = {d: [r for r in rows[d] if r["kind"] == "eval"][-1] for d in rows}
-    assert final_eval["full"]["val_accuracy"] == final_eval["split"]["val_accuracy"]
+    assert final_eval["full"]["dev_accuracy"] == final_eval["split"]["dev_accuracy"]
+    reports = {d: json.loads((tmp_path / d / "finetune.json").read_text()) for d in ("full", "split")}
+    assert [reports[d]["accuracy"] for d in reports] == [reports["full"]["accuracy"]] * 2
 
 
 def test_cli_finetune_then_evaluate_into_a_store(tok, tmp_path, capsys):
+    """`smoe-lab finetune --store` and `smoe-lab evaluate --store` on the selected checkpoint store the same metric
+    names and the same numbers (validation: the report; dev: the selection)."""
     from pathlib import Path
 
     from smoe_lab.cli import main
@@ -205,19 +241,27 @@ def test_cli_finetune_then_evaluate_into_a_store(tok, tmp_path, capsys):
         _model(tok, num_experts=4, block_size=64), tmp_path / "base", tokenizer=tok, base_model="tiny"
     )
     sets = ["steps=2", "batch_size=2", "micro_batch_size=2", "lr=1e-3", "warmup_steps=0", "device=cpu"]
+    sets += ["eval_every=1", "eval_batch_size=3", "dev_fraction=0.5"]
+    db = tmp_path / "results.sqlite"
     argv = ["finetune", "--checkpoint", str(src), "--task", "rte", "--root", fixtures, "--out", str(tmp_path / "ft")]
-    assert main([*argv, *[x for s in sets for x in ("--set", s)], "--no-progress"]) == 0
-    assert "best accuracy" in capsys.readouterr().out
+    assert main([*argv, *[x for s in sets for x in ("--set", s)], "--store", str(db), "--no-progress"]) == 0
+    assert "report (validation" in capsys.readouterr().out
     meta = checkpoint.read_config(tmp_path / "ft" / "best")[1]
     assert (meta["base_model"], meta["method"], meta["z"], meta["d"], meta["stage"]) == ("tiny", "none", 4, 4, "stage2")
-    db = tmp_path / "results.sqlite"
+    assert meta["eval_spec"]["batch_size"] == 3 and meta["eval_spec"]["block_size"] == 64
+    stored = ResultsStore(db).rows()
+    names = ["accuracy", "acc_norm", "loss", "dev_accuracy", "dev_acc_norm", "dev_loss"]
+    assert list(stored["metric"]) == names
+    db2 = tmp_path / "again.sqlite"
     ev = ["evaluate", "--checkpoint", str(tmp_path / "ft" / "best"), "--task", "RTE", "--root", fixtures]
-    assert main([*ev, "--store", str(db), "--device", "cpu", "--no-progress"]) == 0
+    assert main([*ev, "--store", str(db2), "--device", "cpu", "--no-progress"]) == 0
+    assert main([*ev, "--split", "dev", "--store", str(db2), "--device", "cpu", "--no-progress"]) == 0
     out = capsys.readouterr().out
     assert "RTE validation: accuracy" in out and "chance 0.5000" in out and "majority 0.5000" in out
-    rows = ResultsStore(db).rows()
-    assert sorted(rows["metric"]) == ["accuracy", "loss"]
-    assert set(rows["task"]) == {"rte"} and set(rows["stage"]) == {"stage2"} and set(rows["base_model"]) == {"tiny"}
-    assert json.loads(rows["extra_json"][0])["split"] == "validation"
+    again = ResultsStore(db2).rows()
+    assert list(again["metric"]) == names
+    assert list(again["value"]) == list(stored["value"])  # bit for bit: same examples, batches, block, dtype
+    assert set(again["task"]) == {"rte"} and set(again["stage"]) == {"stage2"} and set(again["base_model"]) == {"tiny"}
+    assert json.loads(again["extra_json"][0])["split"] == "validation"
     assert main([*argv, "--set", "stage=stage9"]) == 2
     assert "smoe-lab: error: FinetuneConfig.stage" in capsys.readouterr().err

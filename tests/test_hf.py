@@ -374,10 +374,10 @@ def test_finetune_and_rank_classification(folders, family, tmp_path):
     router_before = new.moe_layers()[0].router.weight.detach().clone()
     res = finetune(new, tok, train, val, cfg, tmp_path / "ft", progress=False)
     assert res.router_warmup["steps"] == 2 and not torch.equal(router_before, new.moe_layers()[0].router.weight)
-    assert 0.0 <= res.best_accuracy <= 1.0 and np.isfinite(res.final_val_loss) and len(res.history) == 2
-    r = evaluate_task(new, tok, val)
-    assert r["accuracy"] == res.final_accuracy and r["n"] == 16
-    best = tmp_path / "ft" / "best"
+    assert 0.0 <= res.accuracy <= 1.0 and np.isfinite(res.loss) and len(res.history) == 2 and res.n_report == 16
+    best = tmp_path / "ft" / "best"  # selected on the dev split, reported once on `val`
+    r = evaluate_task(checkpoint.load(best), tok, val)
+    assert r["accuracy"] == res.accuracy and r["loss"] == res.loss and r["n"] == 16
     assert _stock(best) is not None  # the best checkpoint is a transformers folder
     again = evaluate_checkpoint(best, "boolq", max_examples=4, device="cpu")
     assert 0.0 <= again["accuracy"] <= 1.0
@@ -390,7 +390,9 @@ def test_stage1_lm_mixing_is_refused(folders, tmp_path):
 
     model = hf.load(folders["olmoe"])
     tok = checkpoint.load_tokenizer(folders["olmoe"])
-    cfg = FinetuneConfig(stage="stage1", steps=1, batch_size=4, micro_batch_size=4, mix_ratio=0.5, device="cpu")
+    cfg = FinetuneConfig(
+        stage="stage1", steps=1, batch_size=4, micro_batch_size=4, warmup_steps=0, mix_ratio=0.5, device="cpu"
+    )
     with pytest.raises(ValueError, match="a Hugging Face model has its own"):
         finetune(model, tok, animal_task(8, 0), animal_task(4, 1), cfg, tmp_path, np.zeros(100, dtype=np.uint16))
 
@@ -407,7 +409,7 @@ def test_cli_takes_an_hf_folder(folders, tmp_path, capsys):
     assert main([*argv, "--router", "merge", "--out", str(tmp_path / "red")]) == 0
     assert _stock(tmp_path / "red").config.num_experts == 2
     assert json.loads((tmp_path / "red.report.json").read_text())["num_experts"] == [2, 2]
-    sets = ["steps=1", "batch_size=2", "micro_batch_size=2", "warmup_steps=0", "eval_max_examples=2", "device=cpu"]
+    sets = ["steps=1", "batch_size=2", "micro_batch_size=2", "warmup_steps=0", "dev_max_examples=2", "device=cpu"]
     argv = ["finetune", "--checkpoint", str(tmp_path / "red"), "--task", "boolq", "--max-train-examples", "4"]
     argv += [x for kv in sets for x in ("--set", kv)]
     assert main([*argv, "--out", str(tmp_path / "ft"), "--no-progress"]) == 0

@@ -1,5 +1,6 @@
 import pytest
 import torch
+from required import need_module
 
 from smoe_lab.moe import MoELayer, dispatch_combine, expert_capacity, gelu, moe_reference, top1_route
 
@@ -44,7 +45,7 @@ def test_padding_is_not_routed_and_not_in_aux_loss():
 
 @pytest.mark.parametrize("n,e,cf", [(100, 2, 1.2), (256, 8, 1.0), (333, 16, 1.2), (64, 32, 1.0), (4096, 128, 1.2)])
 def test_top1_route_parity_with_deepspeed(n, e, cf):
-    sharded_moe = pytest.importorskip("deepspeed.moe.sharded_moe")
+    sharded_moe = need_module("deepspeed.moe.sharded_moe", "deepspeed")  # SMOE_LAB_REQUIRE: fail, not skip
     g = torch.Generator().manual_seed(n + e)
     logits = torch.randn(n, e, generator=g) * 2
     logits[:, 0] += 2.0  # imbalance so that drops happen

@@ -109,6 +109,33 @@ def test_ci_pipeline_end_to_end(tmp_path):
         assert (out / "figures" / f"{fig}.png").stat().st_size > 10_000, fig
     payoff = (out / "tables" / "ep_payoff.csv").read_text()
     assert "unreduced base" in payoff and "reduced (uncurl)" in payoff
+    # a reduced model's router-only warm-up ran on the task's training examples (paper A4), before stage 1
+    from smoe_lab import checkpoint
+
+    warm = {
+        d.name: checkpoint.read_config(d / "checkpoint")[1].get("router_warmup") for d in (out / "stage1").iterdir()
+    }
+    reduced = [n for n in warm if "-D2-" in n]
+    assert len(reduced) == 2 and all(warm[n]["data"] == ["boolq"] for n in reduced)
+    assert all(warm[n] is None for n in warm if n not in reduced)
+    # the store holds the reported numbers and the selection numbers of every finetuning, under distinct names
+    from smoe_lab.results import ResultsStore
+
+    stored = ResultsStore(out / "results.sqlite").rows(stage="stage2")
+    assert {"accuracy", "acc_norm", "loss", "dev_accuracy", "dev_loss"} <= set(stored["metric"])
+    # `smoe-lab evaluate` on a selected checkpoint recomputes the stored report and selection numbers exactly
+    from smoe_lab.cli import main
+
+    best = next((out / "finetune" / "boolq").glob("*-uncurl-D2-*")) / "best"
+    again = tmp_path / "again.sqlite"
+    for split in ("validation", "dev"):
+        assert (
+            main(["evaluate", "--checkpoint", str(best), "--task", "boolq", "--split", split, "--store", str(again)])
+            == 0
+        )
+    mine = stored[stored["method"].eq("uncurl")].set_index("metric")["value"]
+    recomputed = ResultsStore(again).rows().set_index("metric")["value"]
+    assert len(recomputed) == 6 and all(recomputed[m] == mine[m] for m in recomputed.index)
     table = (out / "tables" / "pretrain.csv").read_text().splitlines()
     assert table[0].startswith("model,params,active_params") and len(table) == 3
     # a second run skips every notebook: outputs are up to date

@@ -78,8 +78,8 @@ def test_resume_is_bit_exact(tmp_path, corpus):
     real_fit = train_mod.fit
 
     def crashing_fit(*a, **k):
-        def boom(step, row):
-            if step == 3:
+        def boom(step, row):  # step 6's evaluation runs before step 6's checkpoint: the last one is step 3's
+            if step == 6:
                 raise Crash
 
         return real_fit(*a, **k, on_eval=boom)
@@ -124,3 +124,38 @@ def test_missing_corpus_is_a_clear_error(tmp_path):
     mcfg = ModelConfig.preset("tiny")
     with pytest.raises(FileNotFoundError, match="corpus not found"):
         pretrain(mcfg, TrainConfig(max_steps=1, batch_size=1, micro_batch_size=1), tmp_path / "nope", tmp_path)
+
+
+def test_a_warmup_longer_than_the_run_is_refused(tmp_path, tiny_cfg):
+    from smoe_lab.config import PretrainParams
+
+    cfg = TrainConfig(max_steps=10, warmup_steps=50, batch_size=2, micro_batch_size=2)
+    with pytest.raises(ValueError, match="TrainConfig.warmup_steps: 50 exceeds max_steps=10"):
+        cfg.check_schedule()
+    with pytest.raises(ValueError, match="warmup_steps: 50 exceeds max_steps=10"):
+        fit(GPT(tiny_cfg), cfg, lambda: None, tmp_path / "run", torch.Generator(), progress=False)
+    assert not (tmp_path / "run").exists()
+    with pytest.raises(ValueError, match="warmup_steps: 50 exceeds max_steps=10"):
+        PretrainParams.from_dict({"train": {"max_steps": 10, "warmup_steps": 50}})
+    TrainConfig(max_steps=10, warmup_steps=10).check_schedule()  # peak lr at the last step is fine
+
+
+def test_derived_run_lengths_clamp_the_warmup_with_a_warning(caplog):
+    """Steps derived from epochs (finetuning) or tokens (notebook 01) clamp the warmup to the run, logged, so the
+    peak lr is reached (the paper's 500 warmup steps and 50 epochs give CB 196 steps)."""
+    from smoe_lab.finetune import FinetuneConfig
+    from smoe_lab.notebook_params import PretrainNotebook
+
+    with caplog.at_level("WARNING", logger="smoe_lab"):
+        t = FinetuneConfig.paper().train_config(196)
+        nb = PretrainNotebook(tokens=4096, batch_size=8, micro_batch_size=8, warmup_steps=20, variants=[1])
+        p = nb.train_config()
+    assert t.warmup_steps == 196 and lr_at(195, t) == pytest.approx(t.lr)
+    assert p.max_steps == 4 and p.warmup_steps == 4
+    text = caplog.text
+    assert "warmup_steps: 500 exceeds the run's 196 steps" in text and "warmup_steps: 20 exceeds the 4 steps" in text
+
+
+def test_the_compile_switch_that_did_nothing_is_gone():
+    with pytest.raises(ValueError, match="unknown field.*compile"):
+        TrainConfig.from_dict({"compile": True})

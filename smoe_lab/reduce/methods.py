@@ -187,6 +187,32 @@ def mcsmoe_dominants(freqs: list[np.ndarray], budget: int) -> list[list[int]]:
     return [sorted(c) for c in chosen]
 
 
+def layer_method(method: str, layer: int) -> str:
+    """The per-layer method a model-level method uses on MoE layer `layer` (hybrid: freq_prune on the first, uncurl
+    on the others; every other method is the same on every layer). The one place the hybrid rule lives."""
+    if method == "hybrid":
+        return "freq_prune" if layer == 0 else "uncurl"
+    return method
+
+
+def plan_layer(
+    S: np.ndarray, freq: np.ndarray, method: str, d: int, layer: int, seed: int = 0, n_init: int = 10
+) -> LayerPlan:
+    """The partition of MoE layer `layer` for a per-layer method (everything but mcsmoe) from S [Z, Z] and
+    frequencies [Z]. A pure function of its arguments: `random` draws from a generator seeded by (seed, layer), so
+    a layer's choice does not depend on the other layers (the cluster explorer plans one layer alone)."""
+    m = layer_method(method, layer)
+    if m == "uncurl":
+        return plan_uncurl(S, freq, d, seed=seed, n_init=n_init)
+    if m == "freq_prune":
+        return plan_freq_prune(freq, d)
+    if m == "freq_merge":
+        return plan_freq_merge(S, freq, d)
+    if m == "random":
+        return plan_random(len(freq), d, np.random.default_rng([seed, layer]))
+    raise ValueError(f"plan_layer: {method!r} is not a per-layer method (mcsmoe plans all layers together)")
+
+
 def plan_layers(
     sims: list[np.ndarray], freqs: list[np.ndarray], method: str, targets: list[int], seed: int = 0, n_init: int = 10
 ) -> list[LayerPlan]:
@@ -199,19 +225,7 @@ def plan_layers(
     if method == "mcsmoe":
         dominants = mcsmoe_dominants(freqs, sum(targets))
         return [_assign_to_centres(S, dom, "mcsmoe") for S, dom in zip(sims, dominants)]
-    rng = np.random.default_rng(seed)
-    plans = []
-    for i, (S, f, d) in enumerate(zip(sims, freqs, targets)):
-        m = ("freq_prune" if i == 0 else "uncurl") if method == "hybrid" else method
-        if m == "uncurl":
-            plans.append(plan_uncurl(S, f, d, seed=seed, n_init=n_init))
-        elif m == "freq_prune":
-            plans.append(plan_freq_prune(f, d))
-        elif m == "freq_merge":
-            plans.append(plan_freq_merge(S, f, d))
-        else:
-            plans.append(plan_random(len(f), d, rng))
-    return plans
+    return [plan_layer(S, f, method, d, i, seed, n_init) for i, (S, f, d) in enumerate(zip(sims, freqs, targets))]
 
 
 # -- weights -------------------------------------------------------------------------------------------------------
@@ -376,9 +390,15 @@ def reduce_model(
         new = model.reduced_skeleton(new_counts, expert_map)
     else:
         new = GPT(model.config.replace(num_experts=new_counts, expert_map=expert_map))
-        moe_prefixes = [f"transformer.h.{b}.mlp." for b in model.config.moe_block_indices]
-        shared = {k: v for k, v in model.state_dict().items() if not k.startswith(tuple(moe_prefixes))}
-        new.load_state_dict(shared, strict=False)  # everything but the MoE layers, which are filled below
+        moe_prefixes = tuple(f"transformer.h.{b}.mlp." for b in model.config.moe_block_indices)
+        shared = {k: v for k, v in model.state_dict().items() if not k.startswith(moe_prefixes)}
+        missing, unexpected = new.load_state_dict(shared, strict=False)  # all but the MoE layers, filled below
+        missing = [k for k in missing if not k.startswith(moe_prefixes) and k != "lm_head.weight"]
+        if missing or unexpected:
+            raise ValueError(
+                f"reduce_model: the reduced model does not fit the original: missing {missing[:5]}, "
+                f"unexpected {unexpected[:5]}"
+            )
     reports = []
     for i, (layer, new_layer, plan) in enumerate(zip(layers, new.moe_layers(), plans)):
         experts, t_align, t_merge = merge_groups(layer_experts(layer), freqs[i], plan, workers)

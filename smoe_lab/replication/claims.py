@@ -129,7 +129,7 @@ def evaluate_claims(df: pd.DataFrame, p, stage: str = "stage2", tasks: list[str]
     k, base = p.se_factor, max(p.variants)
     out = [_claim_a(df, p)]
     keep = learnable_tasks(df, p) if tasks is None else tasks
-    acc, loss = (task_frame(df, base, m, stage) for m in ("accuracy", "val_loss"))
+    acc, loss = (task_frame(df, base, m, stage) for m in ("accuracy", "loss"))
     acc, loss = (f[f.index.get_level_values("task").isin(keep)] for f in (acc, loss))
 
     def both(better, worse, name, **kw):

@@ -13,11 +13,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import checkpoint, experiments
+from .. import cachekey, checkpoint, experiments
 from ..data.corpus import eval_window_starts, resolve_corpus
 from ..evaluate import evaluate_task
 from ..finetune import task_data
-from ..results import checkpoint_identity, config_hash
+from ..results import checkpoint_identity
 from ..train import read_metrics
 from .study import PRETRAIN_TASK, Protocol, label, load_store, pretrain_frame, protocols, record_wall
 
@@ -80,6 +80,7 @@ def pretraining_losses(p) -> pd.DataFrame:
     store, t0 = load_store(p), time.perf_counter()
     done = set(store.rows(task=PRETRAIN_TASK)["config_hash"].dropna())
     tokens = resolve_corpus(p.corpus).split("val")
+    val_key = cachekey.corpus_key(resolve_corpus(p.corpus).path)
     for seed in p.seeds:
         for e in sorted(p.variants):
             run_dir = experiments.pretrain_dir(p.study_dir, label(e), seed)
@@ -88,7 +89,8 @@ def pretraining_losses(p) -> pd.DataFrame:
             ident = dict(base_model=p.backbone, method="none", z=e, d=e, task=PRETRAIN_TASK, seed=seed)
             model = None
             for proto in protocols(p):
-                key = config_hash({"ckpt": h, "protocol": proto.__dict__, "windows": p.eval_windows})
+                parts = dict(ckpt=h, protocol=proto.__dict__, windows=p.eval_windows, val=val_key)
+                key = cachekey.key("pretrain-eval", **parts)
                 if key not in done:
                     model = model or checkpoint.load(ckpt)
                     starts = eval_windows(len(tokens), model.config.block_size, p.eval_windows)
@@ -100,7 +102,7 @@ def pretraining_losses(p) -> pd.DataFrame:
                     ]
                     store.append_many([{**row, "config_hash": key, "extra": extra} for row in rows])
                     done.add(key)
-            key = config_hash({"ckpt": h, "kind": "run-summary"})
+            key = cachekey.key("run-summary", ckpt=h)
             if key not in done:
                 run = experiments.summarize_run(run_dir)
                 rows = [
@@ -132,6 +134,7 @@ def budget_ablation(p) -> pd.DataFrame:
     drops. Rows: stage "budget", metric "val_loss:<protocol>@<tokens>" (extra {"tokens"}). Returns them."""
     store, t0 = load_store(p), time.perf_counter()
     done = set(store.rows(task=PRETRAIN_TASK, stage="budget")["config_hash"].dropna())
+    val_key = cachekey.corpus_key(resolve_corpus(p.corpus).path)
     variants = sorted({1, max(p.variants)})
     val = None
     for tokens in p.ablation_tokens:
@@ -144,7 +147,8 @@ def budget_ablation(p) -> pd.DataFrame:
                 h = checkpoint.checkpoint_hash(ckpt)
                 model = None
                 for proto in protocols(p)[:2]:
-                    key = config_hash({"ckpt": h, "protocol": proto.__dict__, "windows": p.eval_windows})
+                    parts = dict(ckpt=h, protocol=proto.__dict__, windows=p.eval_windows, val=val_key)
+                    key = cachekey.key("pretrain-eval", **parts)
                     if key in done:
                         continue
                     if val is None:
@@ -175,7 +179,7 @@ def zero_shot_ablation(p) -> pd.DataFrame:
     on each task of p.zero_shot_tasks WITHOUT finetuning or router warm-up. The reductions use router "merge" (the
     frequency-weighted average of each group's router rows; a pruned layer keeps its kept rows), so no weight is
     trained after reduction: this isolates what each method preserves from what finetuning repairs. Same
-    calibration artifacts as the task study. Rows: stage "zeroshot", metrics "accuracy" and "val_loss"."""
+    calibration artifacts as the task study. Rows: stage "zeroshot", metrics "accuracy" and "loss"."""
     store, t0, out = load_store(p), time.perf_counter(), Path(p.study_dir)
     done = set(store.rows(stage="zeroshot")["config_hash"].dropna())
     base = max(p.variants)
@@ -205,7 +209,7 @@ def zero_shot_ablation(p) -> pd.DataFrame:
                 # freq_merge when the global allocation gives every layer exactly D dominant experts)
                 name = ckpt.parent.name if ckpt.name == "checkpoint" else ckpt.name
                 h = checkpoint.checkpoint_hash(ckpt)
-                key = config_hash({"ckpt": h, "name": name, "task": task, "n": len(val), "zs": 1})
+                key = cachekey.key("zeroshot", ckpt=h, name=name, task=task, val=cachekey.examples_hash(val))
                 if key in done:
                     continue
                 model, tok = checkpoint.load(ckpt), checkpoint.load_tokenizer(ckpt)
@@ -215,7 +219,7 @@ def zero_shot_ablation(p) -> pd.DataFrame:
                 store.append_many(
                     [
                         {**row, "metric": "accuracy", "value": r["accuracy"], "seconds": r["seconds"]},
-                        {**row, "metric": "val_loss", "value": r["loss"], "seconds": r["seconds"]},
+                        {**row, "metric": "loss", "value": r["loss"], "seconds": r["seconds"]},
                     ]
                 )
                 done.add(key)
