@@ -232,13 +232,15 @@ def main(argv=None) -> None:
         header.append("native/deepspeed")
     if args.memory:
         header += [f"{i} MB" for i in impls]
-    rows, goal = [], []
+    rows, goal, fastest = [], [], []
     for n in args.tokens:
         torch.manual_seed(0)
         x = torch.randn(n, args.d_model, device=device, requires_grad=True)
         g = torch.randn_like(x)
         for e in args.experts:
             t = measure(impls, e, x, g, args, device)
+            if n == args.tokens[-1]:
+                fastest.append((e, t))
             row = [n, e, *(summary([1000 * v for v in t[i]]) for i in impls)]
             ratio = lambda a, b: [p / q for p, q in zip(t[a], t[b])]  # noqa: E731  per round
             if base:
@@ -252,6 +254,10 @@ def main(argv=None) -> None:
             rows.append(row)
             print(f"  measured tokens {n}, E {e}", file=sys.stderr, flush=True)
     print(markdown_table(header, rows))
+    paths = [i for i in ("padded", "grouped_mm", "grouped") if i in impls]
+    if len(paths) > 1:
+        best = [f"E {e}: {min(paths, key=lambda i: statistics.median(t[i]))}" for e, t in fastest]
+        print(f"\nfastest native expert path (median; at the last token count): {', '.join(best)}")
     if goal:
         met = [f"{n}/{e}" for n, e, a, b in goal if a <= 1.10 and b <= 1.0]
         missed = [

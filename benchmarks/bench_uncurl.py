@@ -112,7 +112,8 @@ def reduce_layers(args) -> tuple[dict, dict, int]:
             seconds[f"merge w={w}"] += t_merge
             peak[f"align+merge w={w}"] = max(peak[f"align+merge w={w}"], PeakRSS.read())
         del experts, H
-        print(f"  layer {layer + 1}/{args.layers} done", file=sys.stderr, flush=True)
+        so_far = ", ".join(f"{k} {v:.1f}" for k, v in seconds.items())
+        print(f"  layer {layer + 1}/{args.layers} done; seconds so far: {so_far}", file=sys.stderr, flush=True)
     return seconds, peak, n_align
 
 

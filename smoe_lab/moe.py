@@ -12,6 +12,7 @@ import math
 import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -26,10 +27,11 @@ def gelu(x: Tensor) -> Tensor:
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
     """DeepSpeed's rule: ceil(tokens / experts * factor) computed in float32, at least min_capacity.
 
-    float32 matters: e.g. 100 tokens, 2 experts, factor 1.2 gives 61 (50 * 1.2f = 60.000002).
+    float32 matters: e.g. 100 tokens, 2 experts, factor 1.2 gives 61 (50 * 1.2f = 60.000002). Host arithmetic
+    (numpy float32, as torch multiplies a Python float by a float32 tensor): no tensor is read back.
     """
-    cap = torch.ceil((num_tokens / num_experts) * torch.tensor(capacity_factor)).to(torch.int64)
-    return int(max(int(cap), min_capacity))
+    cap = math.ceil(np.float32(num_tokens / num_experts) * np.float32(capacity_factor))
+    return int(max(cap, min_capacity))
 
 
 @dataclass
