@@ -82,8 +82,8 @@ def _best_assignment(C: torch.Tensor) -> torch.Tensor:
     shifted by their largest float64 infeasibility, bound every assignment's cost from below, and the assignment
     is kept only if its float64 cost is within float32 resolution of that bound (4 n 2^-23 max|C|: optimal up to
     float32 rounding of the costs); otherwise scipy solves it exactly in float64. On random and alignment costs of
-    256-4096 units both give the identical objective, LAPJV about 2x faster at 4096 x 4096
-    (`python benchmarks/bench_assignment.py`).
+    256-4096 units both give the identical objective; at 4096 x 4096 LAPJV was 1.25x faster on alignment costs and
+    2.7x on uniform ones (`python benchmarks/bench_assignment.py`, shared machine).
     """
     C = C.cpu().numpy()  # [d_ff, d_ff]
     if not np.isfinite(C).all():
