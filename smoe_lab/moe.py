@@ -2,8 +2,20 @@
 
 Routing is a pure function of the router logits (`top1_route`) with DeepSpeed-MoE's capacity rule and
 load-balancing loss. Experts are stacked tensors (w_in [E, d_model, d_ff] ...) so that merging and
-compaction are tensor operations, and the forward pass is sort-free index dispatch + two batched matmuls:
-no [tokens, experts, capacity] one-hot tensors, activation memory grows with tokens only.
+compaction are tensor operations. Dispatch and combine are row gathers in both directions; no
+[tokens, experts, capacity] one-hot tensor exists, so activation memory grows with tokens only.
+
+Expert paths (`resolve_path`; switch: MoELayer.expert_path, $SMOE_LAB_MOE_PATH, CUDA_DEFAULT_PATH):
+"grouped" (CPU default: exact per-expert slices, pooled gradient buffers), "padded" (a static
+[E, capacity, d] buffer, two baddbmm; CUDA default) and "grouped_mm" (torch._grouped_mm).
+
+Host syncs: the training forward + backward of the "padded" and "grouped_mm" paths reads no device value on
+the host (counts are scatter-adds, never bincount or boolean indexing; the capacity is host arithmetic on the
+token count; the padded buffer has the static capacity, not the largest kept count). What remains, by design:
+with a padding mask, one read of the number of real tokens (DeepSpeed's capacity rule needs it);
+drop_tokens=False reads the largest count (its capacity, as DeepSpeed); the "grouped" path reads the per-expert
+counts (free on CPU). Telemetry stores tensors; its floats (dropped fraction, entropy) sync only when read.
+Checked by tests/test_moe.py (aten ops recorded on CPU) and benchmarks/check_sync.py (CUDA sync debug mode).
 """
 
 from __future__ import annotations
@@ -310,7 +322,7 @@ _ONE_HOLDER = _storage_refs(torch.empty(1))  # what _storage_refs reads for a st
 
 
 class BufferPool:
-    """CPU buffers an MoE layer's backward reuses from step to step (weight gradients, backward temporaries).
+    """CPU buffers an MoE layer's backward reuses from step to step: the stacked weight gradients.
 
     Why: with gradients set to None every step, a fresh [E, d_model, d_ff] gradient is a fresh large allocation;
     above glibc's mmap threshold (32 MB) every step maps new pages and pays a page fault per 4 KiB on first touch
@@ -318,7 +330,9 @@ class BufferPool:
     only when nothing outside the pool still holds its storage (the optimizer dropped p.grad, set_to_none), so a
     gradient the caller keeps is never overwritten; otherwise a new one is allocated and pooled. Gradients are
     handed out as fresh views, so autograd's AccumulateGrad adopts them without a copy. The pool holds memory
-    between steps (the size of one set of expert gradients); `clear()` releases it (MoELayer.eval() does).
+    between steps (the size of one set of expert gradients, which the next backward needs anyway: the peak is
+    unchanged); `clear()` releases it (MoELayer.eval() does). Activations and backward temporaries are not pooled:
+    a pool per layer would hold each layer's temporaries at once, where autograd holds one layer's.
     """
 
     def __init__(self):
@@ -374,35 +388,45 @@ class _GroupedMoE(torch.autograd.Function):
         xs, h, a, ys, scale, order, row, w_in, w_out = ctx.saved_tensors
         counts, pool = ctx.counts, ctx.pool
         need_x, need_scale = ctx.needs_input_grad[:2]
+        need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[6:]
+        need_gh = need_x or need_w_in or need_b_in
         m, n, num_e = order.numel(), row.numel(), len(counts)
         bounds = _bounds(counts)
         get = pool.get if pool is not None else (lambda key, shape, like: like.new_empty(shape))
         row_expert = torch.repeat_interleave(torch.tensor(counts, device=xs.device))  # [M] expert of each row
         g = grad_out.index_select(0, order)  # [M, d] in sorted order
-        grad_scale = None
+        grad_scale = gw_in = gb_in = gw_out = gb_out = grad_x = None
         if need_scale:  # d out / d scale = the unscaled expert output of the token
             grad_scale = torch.zeros(n, dtype=scale.dtype, device=scale.device)
             grad_scale.index_copy_(0, order, torch.linalg.vecdot(g, ys[:m]).to(scale.dtype))
         g.mul_(scale.index_select(0, order).to(g.dtype).unsqueeze(1))  # grad of the sorted outputs
-        gw_out = get("w_out", tuple(w_out.shape), w_out)
-        ga = get("ga", (n, a.shape[1]), a)[:m]  # [M, d_ff] (pooled at N rows: M changes from step to step)
+        gw_out = get("w_out", tuple(w_out.shape), w_out) if need_w_out else None
+        ga = torch.empty_like(a) if need_gh else None  # [M, d_ff]
         for e, (s, t) in bounds:
-            torch.mm(a[s:t].T, g[s:t], out=gw_out[e])
-            torch.mm(g[s:t], w_out[e].T, out=ga[s:t])
-        gb_out = g.new_zeros(num_e, g.shape[1]).index_add_(0, row_expert, g)
-        gh = _gelu_backward(ga, h)  # [M, d_ff]
-        gw_in = get("w_in", tuple(w_in.shape), w_in)
-        gxs = get("gx", (n + 1, xs.shape[1]), xs)[: m + 1]  # [M + 1, d]; row M: the zero gradient of dropped tokens
-        gxs[m] = 0
-        for e, (s, t) in bounds:
-            torch.mm(xs[s:t].T, gh[s:t], out=gw_in[e])
-            torch.mm(gh[s:t], w_in[e].T, out=gxs[s:t])
-        gb_in = gh.new_zeros(num_e, gh.shape[1]).index_add_(0, row_expert, gh)
+            if need_w_out:
+                torch.mm(a[s:t].T, g[s:t], out=gw_out[e])
+            if need_gh:
+                torch.mm(g[s:t], w_out[e].T, out=ga[s:t])
+        if need_b_out:
+            gb_out = g.new_zeros(num_e, g.shape[1]).index_add_(0, row_expert, g)
+        if need_gh:
+            gh = _gelu_backward(ga, h)  # [M, d_ff]
+            gw_in = get("w_in", tuple(w_in.shape), w_in) if need_w_in else None
+            gxs = xs.new_empty(m + 1, xs.shape[1]) if need_x else None  # [M + 1, d]; row M: dropped tokens' zero
+            for e, (s, t) in bounds:
+                if need_w_in:
+                    torch.mm(xs[s:t].T, gh[s:t], out=gw_in[e])
+                if need_x:
+                    torch.mm(gh[s:t], w_in[e].T, out=gxs[s:t])
+            if need_b_in:
+                gb_in = gh.new_zeros(num_e, gh.shape[1]).index_add_(0, row_expert, gh)
+            if need_x:
+                gxs[m] = 0
+                grad_x = gxs.index_select(0, row)
         empty = [e for e, c in enumerate(counts) if c == 0]
-        if empty:  # an expert without tokens gets a zero gradient
-            gw_in[empty] = 0
-            gw_out[empty] = 0
-        grad_x = gxs.index_select(0, row) if need_x else None
+        for gw in (gw_in, gw_out):
+            if gw is not None and empty:  # an expert without tokens gets a zero gradient
+                gw[empty] = 0
         return grad_x, grad_scale, None, None, None, None, gw_in, gb_in, gw_out, gb_out
 
 

@@ -229,3 +229,12 @@ def test_pooled_gradients_never_overwrite_a_gradient_the_caller_keeps():
     assert torch.allclose(layer.experts.w_in.grad, 2 * kept_copy)
     layer.eval()
     assert not layer.experts.pool.buffers
+
+
+def test_grouped_path_with_frozen_experts_trains_only_the_router():
+    layer = _layer(4).train()
+    layer.experts.requires_grad_(False)  # router-only warm-up
+    x = torch.randn(64, 16, requires_grad=True)
+    layer(x).sum().backward()
+    assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
+    assert layer.experts.w_in.grad is None and x.grad is not None
