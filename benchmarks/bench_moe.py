@@ -1,22 +1,28 @@
 """MoE layer speed: dense FFN vs an ideal stacked-expert layer vs smoe_lab's MoELayer vs DeepSpeed-MoE.
 
-Forward + backward on `--tokens` tokens (fp32 on CPU, bf16 with --bf16 on CUDA), gradients set to None each step
-as in training (so weight gradients are freshly allocated, as an optimizer step would see them). Each round
-times every implementation back to back (interleaved), takes the best of `--reps` steps per implementation, and
-the table reports the median over rounds: noise on a shared machine hits all implementations alike.
+Forward + backward on `--tokens` tokens (fp32 on CPU, bf16 autocast with --bf16 on CUDA), gradients set to None
+each step as in training (weight gradients are freshly allocated, as an optimizer step would see them). Each round
+times every implementation back to back (interleaved, the order rotated every round) and takes the best of
+`--reps` steps per implementation; the table gives the median over rounds and, in brackets, the min-max over
+rounds. Ratios are taken within a round (both sides measured seconds apart), then summarised the same way.
 
-    ideal     tokens pre-split evenly into E groups, no router, no dispatch: two batched matmuls (the floor)
-    native    smoe_lab.moe.MoELayer: router + top-1 routing + index dispatch + baddbmm experts + gather combine
-    deepspeed deepspeed.moe.layer.MoE (k=1, same capacity factor, use_rts=False): einsum one-hot dispatch
+    dense      one GPT-2 MLP (c_fc, gelu, c_proj) on all tokens: what the MoE costs on top of a dense model
+    ideal      tokens pre-split evenly into E groups, no router, no dispatch: two batched matmuls (the floor)
+    native     smoe_lab.moe.MoELayer as configured (path from $SMOE_LAB_MOE_PATH or the device default)
+    grouped / padded / grouped_mm   the native layer forced onto one expert path (see smoe_lab.moe.resolve_path)
+    deepspeed  deepspeed.moe.layer.MoE (k=1, same capacity factor, use_rts=False): einsum one-hot dispatch
 
-    python benchmarks/bench_moe.py                      # 4096 tokens, d_model 256, d_ff 1024, E in 8 32 128
-    python benchmarks/bench_moe.py --quick              # fewer rounds
+    python benchmarks/bench_moe.py                      # 4096 and 16384 tokens, E in 8 32 128: the README table
+    python benchmarks/bench_moe.py --quick              # CI-style smoke run: 4096 tokens, 3 rounds of 2
+    python benchmarks/bench_moe.py --clock cpu          # process CPU time instead of wall time (busy machines)
+    python benchmarks/bench_moe.py --impls ideal grouped padded   # compare the expert paths
     python benchmarks/bench_moe.py --memory             # also peak RSS of each implementation (subprocesses)
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import subprocess
@@ -26,7 +32,11 @@ import time
 import torch
 import torch.nn as nn
 
-from smoe_lab.moe import MoELayer, dispatch_combine, gelu
+try:
+    from benchmarks._table import markdown_table
+except ImportError:  # run as a script: benchmarks/ is on sys.path, not its parent
+    from _table import markdown_table
+from smoe_lab.moe import MoELayer, gelu
 
 
 class Dense(nn.Module):
@@ -56,7 +66,7 @@ class Ideal(nn.Module):
 
 
 class Native(nn.Module):
-    grouped: bool | None = None  # None: the layer's own choice
+    path: str | None = None  # None: the layer's own choice
 
     def __init__(self, e: int, d: int, f: int):
         super().__init__()
@@ -64,20 +74,22 @@ class Native(nn.Module):
         for p in self.moe.parameters():
             nn.init.normal_(p, std=0.02)
         self.moe.record_logits = False
+        self.moe.expert_path = self.path
 
     def forward(self, x):
-        if self.grouped is None:
-            return self.moe(x)
-        _, r = self.moe.route(x)
-        return dispatch_combine(self.moe.experts, x, r, grouped=self.grouped)
+        return self.moe(x)
 
 
 class NativeGrouped(Native):
-    grouped = True
+    path = "grouped"
 
 
 class NativePadded(Native):
-    grouped = False
+    path = "padded"
+
+
+class NativeGroupedMM(Native):
+    path = "grouped_mm"
 
 
 def _init_deepspeed():
@@ -122,6 +134,7 @@ def build(impl: str, e: int, d: int, f: int, device) -> nn.Module:
         "native": lambda: Native(e, d, f),
         "grouped": lambda: NativeGrouped(e, d, f),
         "padded": lambda: NativePadded(e, d, f),
+        "grouped_mm": lambda: NativeGroupedMM(e, d, f),
         "deepspeed": lambda: DeepSpeedMoE(e, d, f),
     }[impl]
     return cls().to(device).train()
@@ -134,27 +147,28 @@ def step(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
     y.backward(g)
 
 
-def time_steps(module, x, g, reps: int) -> float:
+def time_steps(module, x, g, reps: int, clock=time.perf_counter) -> float:
+    """Best of `reps` steps, in seconds of `clock` (wall: perf_counter; cpu: process_time, all threads)."""
     best = float("inf")
     for _ in range(reps):
         if x.is_cuda:
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = clock()
         step(module, x, g)
         if x.is_cuda:
             torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
+        best = min(best, clock() - t0)
     return best
 
 
-def peak_rss_mb(impl: str, e: int, args) -> float:
+def peak_rss_mb(impl: str, e: int, tokens: int, args) -> float:
     """Peak RSS of a fresh process doing a few steps of one implementation (includes the Python baseline)."""
     code = (
         "import sys, resource, torch; sys.argv=['x'];"
         "from benchmarks.bench_moe import build, step;"
         f"torch.set_num_threads({torch.get_num_threads()});"
         f"m=build('{impl}', {e}, {args.d_model}, {args.d_ff}, 'cpu');"
-        f"x=torch.randn({args.tokens}, {args.d_model}, requires_grad=True); g=torch.randn_like(x);"
+        f"x=torch.randn({tokens}, {args.d_model}, requires_grad=True); g=torch.randn_like(x);"
         "[step(m, x, g) for _ in range(3)];"
         "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss/1024)"
     )
@@ -163,56 +177,95 @@ def peak_rss_mb(impl: str, e: int, args) -> float:
     return float(out.stdout.strip().splitlines()[-1])
 
 
+def measure(impls: list[str], e: int, x, g, args, device) -> dict[str, list[float]]:
+    """Seconds per round of each implementation at E experts (rounds interleaved, order rotated)."""
+    torch.manual_seed(e)
+    mods = {i: build(i, e, args.d_model, args.d_ff, device) for i in impls}
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else contextlib.nullcontext()
+    per_round: dict[str, list[float]] = {i: [] for i in impls}
+    with ctx:
+        for m in mods.values():  # warm-up
+            step(m, x, g)
+        for r in range(args.rounds):
+            names = impls[r % len(impls) :] + impls[: r % len(impls)]
+            for i in names:
+                per_round[i].append(time_steps(mods[i], x, g, args.reps, clock))
+    return per_round
+
+
+def summary(values: list[float], fmt: str = ".2f") -> str:
+    """'median (min-max)'."""
+    return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--tokens", type=int, nargs="+", default=[4096, 16384])
     ap.add_argument("--d-model", type=int, default=256)
     ap.add_argument("--d-ff", type=int, default=1024)
     ap.add_argument("--experts", type=int, nargs="+", default=[8, 32, 128])
     ap.add_argument("--rounds", type=int, default=7)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--impls", nargs="+", default=["dense", "ideal", "native", "deepspeed"])
-    ap.add_argument("--quick", action="store_true", help="3 rounds of 3")
+    ap.add_argument("--quick", action="store_true", help="4096 tokens, 3 rounds of 2 steps")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: process time (busy machines)")
     ap.add_argument("--memory", action="store_true", help="peak RSS per implementation (fresh subprocesses)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     if args.quick:
-        args.rounds, args.reps = 3, 3
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        args.tokens, args.rounds, args.reps = [4096], 3, 2
+    device = torch.device(args.device)
     impls = [i for i in args.impls if i != "deepspeed" or _has_deepspeed()]
+    base = "ideal" if "ideal" in impls else None
     print(
-        f"device {device}, threads {torch.get_num_threads()}, tokens {args.tokens}, d_model {args.d_model}, "
-        f"d_ff {args.d_ff}, fp32{' + bf16 autocast' if args.bf16 else ''}, fwd+bwd, grads None each step; "
-        f"median over {args.rounds} rounds of best-of-{args.reps}"
+        f"device {device}, {torch.get_num_threads()} threads, d_model {args.d_model}, d_ff {args.d_ff}, "
+        f"{'bf16 autocast' if args.bf16 else 'fp32'}, forward + backward, grads None each step, {args.clock} clock; "
+        f"per cell: median (min-max) over {args.rounds} interleaved rounds of best-of-{args.reps} steps\n"
     )
-    header = f"{'E':>5} " + " ".join(f"{i + ' ms':>12}" for i in impls)
-    vs_ideal = [i for i in impls if i not in ("dense", "ideal")]
-    ratios = [f"{i}/dense" for i in impls if i != "dense"] + [f"{i}/ideal" for i in vs_ideal]
-    print(
-        header
-        + " "
-        + " ".join(f"{r:>15}" for r in ratios)
-        + (" " + " ".join(f"{i + ' MB':>13}" for i in impls) if args.memory else "")
-    )
-    torch.manual_seed(0)
-    x = torch.randn(args.tokens, args.d_model, device=device, requires_grad=True)
-    g = torch.randn_like(x)
-    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if args.bf16 else _null()
-    for e in args.experts:
-        mods = {i: build(i, e, args.d_model, args.d_ff, device) for i in impls}
-        with ctx:
-            for m in mods.values():  # warm-up
-                step(m, x, g)
-            per_round = {i: [] for i in impls}
-            for _ in range(args.rounds):
-                for i, m in mods.items():
-                    per_round[i].append(time_steps(m, x, g, args.reps))
-        ms = {i: 1000 * statistics.median(v) for i, v in per_round.items()}
-        cells = [f"{ms[i]:>12.2f}" for i in impls]
-        rat = [f"{ms[i] / ms['dense']:>15.2f}" for i in impls if i != "dense"]
-        rat += [f"{ms[i] / ms['ideal']:>15.2f}" for i in vs_ideal]
-        mem = [f"{peak_rss_mb(i, e, args):>13.0f}" for i in impls] if args.memory else []
-        print(f"{e:>5} " + " ".join(cells) + " " + " ".join(rat) + (" " + " ".join(mem) if mem else ""))
+    header = ["tokens", "E", *(f"{i} ms" for i in impls)]
+    others = [i for i in impls if i not in ("dense", "ideal")]
+    if base:
+        header += [f"{i}/ideal" for i in others]
+    if "native" in impls and "deepspeed" in impls:
+        header.append("native/deepspeed")
+    if args.memory:
+        header += [f"{i} MB" for i in impls]
+    rows, goal, fastest = [], [], []
+    for n in args.tokens:
+        torch.manual_seed(0)
+        x = torch.randn(n, args.d_model, device=device, requires_grad=True)
+        g = torch.randn_like(x)
+        for e in args.experts:
+            t = measure(impls, e, x, g, args, device)
+            if n == args.tokens[-1]:
+                fastest.append((e, t))
+            row = [n, e, *(summary([1000 * v for v in t[i]]) for i in impls)]
+            ratio = lambda a, b: [p / q for p, q in zip(t[a], t[b])]  # noqa: E731  per round
+            if base:
+                row += [summary(ratio(i, base)) for i in others]
+            if "native" in impls and "deepspeed" in impls:
+                row.append(summary(ratio("native", "deepspeed")))
+                nat = statistics.median(ratio("native", "ideal")) if base else float("nan")
+                goal.append((n, e, nat, statistics.median(ratio("native", "deepspeed"))))
+            if args.memory:
+                row += [f"{peak_rss_mb(i, e, n, args):.0f}" for i in impls]
+            rows.append(row)
+            print(f"  measured tokens {n}, E {e}", file=sys.stderr, flush=True)
+    print(markdown_table(header, rows))
+    paths = [i for i in ("padded", "grouped_mm", "grouped") if i in impls]
+    if len(paths) > 1:
+        best = [f"E {e}: {min(paths, key=lambda i: statistics.median(t[i]))}" for e, t in fastest]
+        print(f"\nfastest native expert path (median; at the last token count): {', '.join(best)}")
+    if goal:
+        met = [f"{n}/{e}" for n, e, a, b in goal if a <= 1.10 and b <= 1.0]
+        missed = [
+            f"{n}/{e} ({a:.2f}x ideal, {b:.2f}x deepspeed)" for n, e, a, b in goal if not (a <= 1.10 and b <= 1.0)
+        ]
+        print(f"\ngoal native <= 1.10 x ideal and <= deepspeed (medians): met at tokens/E {', '.join(met) or 'none'}")
+        if missed:
+            print(f"missed at {', '.join(missed)}")
 
 
 def _has_deepspeed() -> bool:
@@ -222,14 +275,6 @@ def _has_deepspeed() -> bool:
         print("deepspeed not installed: skipping it")
         return False
     return True
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *a):
-        return False
 
 
 if __name__ == "__main__":

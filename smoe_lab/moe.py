@@ -2,15 +2,29 @@
 
 Routing is a pure function of the router logits (`top1_route`) with DeepSpeed-MoE's capacity rule and
 load-balancing loss. Experts are stacked tensors (w_in [E, d_model, d_ff] ...) so that merging and
-compaction are tensor operations, and the forward pass is sort-free index dispatch + two batched matmuls:
-no [tokens, experts, capacity] one-hot tensors, activation memory grows with tokens only.
+compaction are tensor operations. Dispatch and combine are row gathers in both directions; no
+[tokens, experts, capacity] one-hot tensor exists, so activation memory grows with tokens only.
+
+Expert paths (`resolve_path`; switch: MoELayer.expert_path, $SMOE_LAB_MOE_PATH, CUDA_DEFAULT_PATH):
+"grouped" (CPU default: exact per-expert slices, pooled gradient buffers), "padded" (a static
+[E, capacity, d] buffer, two baddbmm; CUDA default) and "grouped_mm" (torch._grouped_mm).
+
+Host syncs: the training forward + backward of the "padded" and "grouped_mm" paths reads no device value on
+the host (counts are scatter-adds, never bincount or boolean indexing; the capacity is host arithmetic on the
+token count; the padded buffer has the static capacity, not the largest kept count). What remains, by design:
+with a padding mask, one read of the number of real tokens (DeepSpeed's capacity rule needs it);
+drop_tokens=False reads the largest count (its capacity, as DeepSpeed); the "grouped" path reads the per-expert
+counts (free on CPU). Telemetry stores tensors; its floats (dropped fraction, entropy) sync only when read.
+Checked by tests/test_moe.py (aten ops recorded on CPU) and benchmarks/check_sync.py (CUDA sync debug mode).
 """
 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -25,10 +39,11 @@ def gelu(x: Tensor) -> Tensor:
 def expert_capacity(num_tokens: int, num_experts: int, capacity_factor: float, min_capacity: int) -> int:
     """DeepSpeed's rule: ceil(tokens / experts * factor) computed in float32, at least min_capacity.
 
-    float32 matters: e.g. 100 tokens, 2 experts, factor 1.2 gives 61 (50 * 1.2f = 60.000002).
+    float32 matters: e.g. 100 tokens, 2 experts, factor 1.2 gives 61 (50 * 1.2f = 60.000002). Host arithmetic
+    (numpy float32, as torch multiplies a Python float by a float32 tensor): no tensor is read back.
     """
-    cap = torch.ceil((num_tokens / num_experts) * torch.tensor(capacity_factor)).to(torch.int64)
-    return int(max(int(cap), min_capacity))
+    cap = math.ceil(np.float32(num_tokens / num_experts) * np.float32(capacity_factor))
+    return int(max(cap, min_capacity))
 
 
 @dataclass
@@ -43,10 +58,18 @@ class Routing:
     aux_loss: Tensor  # scalar: E * sum_i f_i * P_i (alpha NOT applied)
     routed_counts: Tensor  # [E] long: tokens whose argmax is each expert, before drops
     gates: Tensor  # [N, E] float: full softmax (for telemetry / entropy)
+    num_real: int | None = None  # real (unmasked) tokens; None: all N
 
     @property
-    def processed_counts(self) -> Tensor:  # [E]
-        return torch.bincount(self.expert_index[self.kept], minlength=self.routed_counts.numel())
+    def processed_counts(self) -> Tensor:  # [E] long, no host sync (a scatter-add, not bincount of a selection)
+        return count_per_expert(self.expert_index, self.routed_counts.numel(), self.kept)
+
+
+def count_per_expert(expert_index: Tensor, num_experts: int, weight: Tensor | None = None) -> Tensor:
+    """[E] long: tokens per expert (only those with weight True/1 when given). A scatter-add: unlike
+    torch.bincount or boolean indexing it never reads a device value on the host (no CUDA sync)."""
+    ones = torch.ones_like(expert_index) if weight is None else weight.to(expert_index.dtype)
+    return torch.zeros(num_experts, dtype=torch.long, device=expert_index.device).scatter_add_(0, expert_index, ones)
 
 
 def top1_route(
@@ -71,10 +94,13 @@ def top1_route(
     n, e = logits.shape
     gates = F.softmax(logits.float(), dim=1)  # [N, E], fp32 like DeepSpeed
     expert_index = torch.argmax(gates, dim=1)  # [N]
-    valid = torch.ones(n, dtype=torch.bool, device=logits.device) if mask is None else mask.reshape(n).bool()
-    n_valid = int(valid.sum())
+    if mask is None:
+        valid, n_valid = torch.ones(n, dtype=torch.bool, device=logits.device), n
+    else:  # the one host read with a mask: DeepSpeed's capacity rule needs the number of real tokens
+        valid = mask.reshape(n).bool()
+        n_valid = int(valid.sum())
 
-    routed_counts = torch.bincount(expert_index[valid], minlength=e)  # [E]
+    routed_counts = count_per_expert(expert_index, e, valid)  # [E]
     # Aux loss over real tokens only: P_i = mean prob, f_i = routed share.
     denom = max(n_valid, 1)
     me = gates.mean(0) if mask is None else (gates * valid.unsqueeze(1)).sum(0) / denom  # [E]
@@ -85,7 +111,7 @@ def top1_route(
     # a stable sort by expert groups tokens per expert in token order; position = rank within the group.
     sort_key = torch.where(valid, expert_index, torch.full_like(expert_index, e))  # padding sorts last
     order = torch.sort(sort_key, stable=True).indices  # [N]
-    group_sizes = torch.bincount(sort_key, minlength=e + 1)  # [E+1]
+    group_sizes = count_per_expert(sort_key, e + 1)  # [E+1]
     group_start = torch.cumsum(group_sizes, 0) - group_sizes  # [E+1]
     position = torch.empty_like(expert_index)
     position[order] = torch.arange(n, device=logits.device) - group_start[sort_key[order]]
@@ -93,11 +119,11 @@ def top1_route(
     if drop_tokens:
         capacity = expert_capacity(n_valid, e, capacity_factor, min_capacity)
         kept = valid & (position < capacity)
-    else:
+    else:  # capacity = the largest count, as DeepSpeed (a host read: no-drop routing is for evaluation)
         capacity = int(routed_counts.max()) if n_valid else 0
         kept = valid.clone()
     gate = gates.gather(1, expert_index.unsqueeze(1)).squeeze(1)  # [N]
-    return Routing(expert_index, gate, kept, position, capacity, aux_loss, routed_counts, gates)
+    return Routing(expert_index, gate, kept, position, capacity, aux_loss, routed_counts, gates, n_valid)
 
 
 class Experts(nn.Module):
@@ -109,10 +135,16 @@ class Experts(nn.Module):
         self.b_in = nn.Parameter(torch.zeros(num_experts, d_ff))
         self.w_out = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
         self.b_out = nn.Parameter(torch.zeros(num_experts, d_model))
+        self.pool = BufferPool()  # CPU gradient buffers reused across steps (see BufferPool)
 
     @property
     def num_experts(self) -> int:
         return self.w_in.shape[0]
+
+    def train(self, mode: bool = True):
+        if not mode:
+            self.pool.clear()
+        return super().train(mode)
 
     def forward_padded(self, xb: Tensor) -> Tensor:
         """xb: [E, C, d_model] -> [E, C, d_model]; bias adds fused into the batched matmuls (baddbmm)."""
@@ -120,19 +152,13 @@ class Experts(nn.Module):
         return torch.baddbmm(self.b_out.unsqueeze(1), h, self.w_out)  # [E, C, d_model]
 
     def forward_grouped(self, xs: Tensor, counts: list[int]) -> Tensor:
-        """xs [M, d_model] sorted by expert (counts[e] rows for expert e) -> [M, d_model]; no padding.
-
-        One addmm per expert on its slice; the stacked weights are unbound once, so the backward stacks the
-        per-expert gradients in one op (indexing w_in[e] would allocate a full-size zero gradient per expert).
-        """
-        w_in, b_in, w_out, b_out = (t.unbind(0) for t in (self.w_in, self.b_in, self.w_out, self.b_out))
-        parts = xs.split(counts)
-        outs = [
-            torch.addmm(b_out[e], gelu(torch.addmm(b_in[e], part, w_in[e])), w_out[e])
-            for e, part in enumerate(parts)
-            if part.shape[0]
-        ]
-        return torch.cat(outs) if outs else xs.new_zeros(0, xs.shape[1])
+        """xs [M, d_model] sorted by expert (counts[e] rows for expert e) -> [M, d_model]; no padding."""
+        m = xs.shape[0]
+        rows = torch.arange(m, device=xs.device)
+        scale = torch.ones(m, dtype=xs.dtype, device=xs.device)
+        pool = self.pool if xs.device.type == "cpu" else None
+        args = (self.w_in, self.b_in, self.w_out, self.b_out)
+        return _GroupedMoE.apply(xs, scale, rows, rows, list(counts), pool, *args)
 
     def forward_one(self, e: int, x: Tensor) -> Tensor:
         """Expert e on x [n, d_model] (reference path)."""
@@ -162,10 +188,20 @@ class MoETelemetry:
         capacity: int,
         mask: Tensor | None = None,
         keep_logits: bool = True,
+        num_real: int | None = None,
     ) -> MoETelemetry:
         """The telemetry of one call from its logits / probs [N, E] over every token (restricted here to the real
-        ones: mask [N], None = all), counts [E] and capacity; detached. keep_logits False stores empty [0, E] logits."""
-        valid = slice(None) if mask is None else mask.bool()
+        ones: mask [N], None = all), counts [E] and capacity; detached. keep_logits False stores empty [0, E] logits.
+
+        num_real: the number of real tokens when the caller already knows it (the capacity rule read it). Then the
+        real tokens are selected without boolean indexing (a host sync on CUDA): a stable argsort puts them first and
+        a slice of that static length selects them, in token order."""
+        if mask is None:
+            valid = slice(None)
+        elif num_real is not None:
+            valid = torch.argsort((~mask.bool()).to(torch.uint8), stable=True)[:num_real]
+        else:
+            valid = mask.bool()
         logits = logits.detach()
         return cls(
             router_logits=logits[valid] if keep_logits else logits.new_empty(0, logits.shape[1]),
@@ -218,6 +254,7 @@ class MoELayer(nn.Module):
         self.aux_loss: Tensor | None = None
         self.telemetry: MoETelemetry | None = None
         self.record_logits = True
+        self.expert_path: str | None = None  # None: $SMOE_LAB_MOE_PATH or the device default (see resolve_path)
 
     @property
     def num_experts(self) -> int:
@@ -237,26 +274,53 @@ class MoELayer(nn.Module):
         xf = x.reshape(-1, shape[-1])  # [N, C]
         flat_mask = None if mask is None else mask.reshape(-1)
         logits, r = self.route(xf, flat_mask)
-        y = dispatch_combine(self.experts, xf, r)  # [N, C]
+        y = dispatch_combine(self.experts, xf, r, path=self.expert_path)  # [N, C]
         self._record(logits, r, flat_mask)
         return y.reshape(shape)
 
     def _record(self, logits: Tensor, r: Routing, mask: Tensor | None) -> None:
         self.aux_loss = r.aux_loss
         self.telemetry = MoETelemetry.of_call(
-            logits, r.gates, r.routed_counts, r.processed_counts, r.capacity, mask, self.record_logits
+            logits, r.gates, r.routed_counts, r.processed_counts, r.capacity, mask, self.record_logits, r.num_real
         )
 
 
-GROUPED_MIN_TOKENS = 96  # mean tokens per expert from which the unpadded grouped path is faster on CPU
+EXPERT_PATHS = ("grouped", "padded", "grouped_mm")
+CUDA_DEFAULT_PATH = "padded"  # set from benchmarks/gpu.sh's measurement; SMOE_LAB_MOE_PATH overrides it
+
+
+def resolve_path(path: str | None, device: torch.device) -> str:
+    """The expert path to run: an explicit `path`, else $SMOE_LAB_MOE_PATH, else the device's measured default.
+
+    "grouped"     tokens sorted by expert, one matmul pair per expert on its exact slice (`_ExpertFFN`), weight
+                  gradients written in place. Reads the per-expert counts on the host (free on CPU; a sync on CUDA).
+                  The CPU default: <= 1.1x the ideal stacked layer at 8-128 experts (benchmarks/bench_moe.py).
+    "padded"      a static [E, capacity, d] buffer and two baddbmm: no host read at all, at the price of
+                  capacity - count_e padding rows per expert. The CUDA default until gpu.sh measures otherwise.
+    "grouped_mm"  tokens sorted by expert and torch._grouped_mm (one CUTLASS grouped GEMM per matmul, bf16 on
+                  sm90+): no padding and no host read. Needs torch._grouped_mm; elsewhere torch runs a slow fallback.
+    """
+    path = path or os.environ.get("SMOE_LAB_MOE_PATH") or "auto"
+    if path == "auto":
+        return "grouped" if device.type == "cpu" else CUDA_DEFAULT_PATH
+    if path not in EXPERT_PATHS:
+        raise ValueError(
+            f"unknown MoE expert path {path!r} (SMOE_LAB_MOE_PATH?); known: auto, {', '.join(EXPERT_PATHS)}"
+        )
+    if path == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        raise ValueError(
+            f"MoE expert path 'grouped_mm' needs torch._grouped_mm (torch >= 2.8), torch is {torch.__version__}"
+        )
+    return path
 
 
 class _GatherRows(torch.autograd.Function):
-    """y = x[fwd_idx] whose backward is also a gather: grad_x = grad_y[bwd_idx] * bwd_mask.
+    """y = x[fwd_idx] whose backward is also a gather: grad_x = where(bwd_mask, grad_y[bwd_idx], 0).
 
     Exact when every x row feeds at most one y row with a non-zero gradient (bwd_idx points at that row, bwd_mask
     is False where there is none) - true for top-1 dispatch and combine. It replaces the scatter-add backward of
-    index_select, the largest dispatch cost on CPU.
+    index_select, the largest dispatch cost on CPU. `where`, not a product: masked rows may hold garbage (the rows
+    past the last group of torch._grouped_mm are never written), and garbage * 0 can be NaN.
     """
 
     @staticmethod
@@ -267,96 +331,257 @@ class _GatherRows(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y: Tensor):
         bwd_idx, bwd_mask = ctx.saved_tensors
-        grad_x = grad_y.index_select(0, bwd_idx) * bwd_mask.unsqueeze(1).to(grad_y.dtype)
+        grad_x = torch.where(bwd_mask.unsqueeze(1), grad_y.index_select(0, bwd_idx), 0)
         return grad_x, None, None, None
+
+
+def _gelu_backward(grad: Tensor, h: Tensor) -> Tensor:
+    return torch.ops.aten.gelu_backward(grad, h, approximate="tanh")
+
+
+def _storage_refs(t: Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+_ONE_HOLDER = _storage_refs(torch.empty(1))  # what _storage_refs reads for a storage that one tensor holds
+
+
+class BufferPool:
+    """CPU buffers an MoE layer's backward reuses from step to step: the stacked weight gradients.
+
+    Why: with gradients set to None every step, a fresh [E, d_model, d_ff] gradient is a fresh large allocation;
+    above glibc's mmap threshold (32 MB) every step maps new pages and pays a page fault per 4 KiB on first touch
+    (at 128 experts, d 256 x 1024, this was most of the cost of the ideal stacked layer). A pooled buffer is reused
+    only when nothing outside the pool still holds its storage (the optimizer dropped p.grad, set_to_none), so a
+    gradient the caller keeps is never overwritten; otherwise a new one is allocated and pooled. Gradients are
+    handed out as fresh views, so autograd's AccumulateGrad adopts them without a copy. The pool holds memory
+    between steps (the size of one set of expert gradients, which the next backward needs anyway: the peak is
+    unchanged); `clear()` releases it (MoELayer.eval() does). Activations and backward temporaries are not pooled:
+    a pool per layer would hold each layer's temporaries at once, where autograd holds one layer's.
+    """
+
+    def __init__(self):
+        self.buffers: dict[str, Tensor] = {}
+
+    def get(self, key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        b = self.buffers.get(key)
+        fits = b is not None and b.shape == shape and b.dtype == like.dtype and b.device == like.device
+        if not (fits and _storage_refs(b) <= _ONE_HOLDER):
+            b = like.new_empty(shape)
+            self.buffers[key] = b
+        return b.view(shape)
+
+    def clear(self) -> None:
+        self.buffers.clear()
+
+    def __deepcopy__(self, memo):
+        return BufferPool()  # a copied layer starts with an empty pool
+
+
+class _GroupedMoE(torch.autograd.Function):
+    """Dispatch + grouped expert FFN + gate-scaled combine in one autograd node (the "grouped" path).
+
+    x [N, d] tokens; scale [N] = gate for kept tokens, 0 for dropped; order [M] token of each sorted row (kept
+    tokens, grouped by expert); row [N] sorted row of each token (M, a zero row, for dropped ones); counts[e] rows
+    per expert (host ints). Rows of expert e get gelu(x @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e].
+
+    Every matmul writes into one preallocated tensor (`out=`), so each stacked weight gradient is allocated once
+    (pooled, see BufferPool) and filled slice by slice: no per-expert gradients stacked afterwards and no
+    per-expert full-size zero gradients (what indexing w_in[e] costs). GELU, its backward and the bias gradients
+    are one call each over all rows; dispatch and combine are single row gathers both ways.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, order, row, counts, pool, w_in, b_in, w_out, b_out):
+        m, d, f = order.numel(), x.shape[1], w_in.shape[2]
+        bounds = _bounds(counts)
+        xs = x.index_select(0, order)  # [M, d]
+        h = xs.new_empty(m, f)  # [M, d_ff] pre-activation
+        for e, (s, t) in bounds:
+            torch.addmm(b_in[e], xs[s:t], w_in[e], out=h[s:t])
+        a = gelu(h)  # [M, d_ff]
+        ys = xs.new_empty(m + 1, d)  # [M + 1, d]; the last row is the zero output of dropped tokens
+        ys[m] = 0
+        for e, (s, t) in bounds:
+            torch.addmm(b_out[e], a[s:t], w_out[e], out=ys[s:t])
+        ctx.counts, ctx.pool = counts, pool
+        ctx.save_for_backward(xs, h, a, ys, scale, order, row, w_in, w_out)
+        return ys.index_select(0, row).mul_(scale.to(ys.dtype).unsqueeze(1))  # [N, d]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xs, h, a, ys, scale, order, row, w_in, w_out = ctx.saved_tensors
+        counts, pool = ctx.counts, ctx.pool
+        need_x, need_scale = ctx.needs_input_grad[:2]
+        need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[6:]
+        need_gh = need_x or need_w_in or need_b_in
+        m, n, num_e = order.numel(), row.numel(), len(counts)
+        bounds = _bounds(counts)
+        get = pool.get if pool is not None else (lambda key, shape, like: like.new_empty(shape))
+        row_expert = torch.repeat_interleave(torch.tensor(counts, device=xs.device))  # [M] expert of each row
+        g = grad_out.index_select(0, order)  # [M, d] in sorted order
+        grad_scale = gw_in = gb_in = gw_out = gb_out = grad_x = None
+        if need_scale:  # d out / d scale = the unscaled expert output of the token
+            grad_scale = torch.zeros(n, dtype=scale.dtype, device=scale.device)
+            grad_scale.index_copy_(0, order, torch.linalg.vecdot(g, ys[:m]).to(scale.dtype))
+        g.mul_(scale.index_select(0, order).to(g.dtype).unsqueeze(1))  # grad of the sorted outputs
+        gw_out = get("w_out", tuple(w_out.shape), w_out) if need_w_out else None
+        ga = torch.empty_like(a) if need_gh else None  # [M, d_ff]
+        for e, (s, t) in bounds:
+            if need_w_out:
+                torch.mm(a[s:t].T, g[s:t], out=gw_out[e])
+            if need_gh:
+                torch.mm(g[s:t], w_out[e].T, out=ga[s:t])
+        if need_b_out:
+            gb_out = g.new_zeros(num_e, g.shape[1]).index_add_(0, row_expert, g)
+        if need_gh:
+            gh = _gelu_backward(ga, h)  # [M, d_ff]
+            gw_in = get("w_in", tuple(w_in.shape), w_in) if need_w_in else None
+            gxs = xs.new_empty(m + 1, xs.shape[1]) if need_x else None  # [M + 1, d]; row M: dropped tokens' zero
+            for e, (s, t) in bounds:
+                if need_w_in:
+                    torch.mm(xs[s:t].T, gh[s:t], out=gw_in[e])
+                if need_x:
+                    torch.mm(gh[s:t], w_in[e].T, out=gxs[s:t])
+            if need_b_in:
+                gb_in = gh.new_zeros(num_e, gh.shape[1]).index_add_(0, row_expert, gh)
+            if need_x:
+                gxs[m] = 0
+                grad_x = gxs.index_select(0, row)
+        empty = [e for e, c in enumerate(counts) if c == 0]
+        for gw in (gw_in, gw_out):
+            if gw is not None and empty:  # an expert without tokens gets a zero gradient
+                gw[empty] = 0
+        return grad_x, grad_scale, None, None, None, None, gw_in, gb_in, gw_out, gb_out
+
+
+def _bounds(counts: list[int]) -> list[tuple[int, tuple[int, int]]]:
+    """(expert, (start, end)) of each non-empty expert's rows."""
+    out, s = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            out.append((e, (s, s + c)))
+        s += c
+    return out
 
 
 @dataclass
 class DispatchPlan:
-    """Where each kept token goes in the padded [E, C', d] expert buffer (see `dispatch`)."""
+    """Where each kept token goes in the padded [E, C, d] expert buffer (see `dispatch`)."""
 
-    slot: Tensor  # [N] buffer slot of each token (0 for dropped tokens, whose output is scaled by 0)
-    src: Tensor  # [E*C'] token feeding each slot (0 for unused slots, whose outputs are never read)
-    filled: Tensor  # [E*C'] bool: slot holds a kept token
-    capacity: int  # C'
+    slot: Tensor  # [N] buffer slot of each token (0 for dropped tokens, whose output is masked out)
+    src: Tensor  # [E*C] token feeding each slot (0 for unused slots, whose outputs are never read)
+    filled: Tensor  # [E*C] bool: slot holds a kept token
+    capacity: int  # C
 
 
 def plan_dispatch(r: Routing, num_experts: int) -> DispatchPlan | None:
-    """Slots in a padded buffer of C' = the largest kept count of any expert (<= capacity); None if nothing kept."""
-    kept = r.kept
-    counts = torch.bincount(r.expert_index[kept], minlength=num_experts)  # [E]
-    c = int(counts.max()) if kept.numel() else 0
-    if c == 0:
+    """Slots in a static buffer of C = r.capacity rows per expert; None if the buffer would be empty.
+
+    Built by scatters only (no boolean indexing, no nonzero, no count read back): sync-free on CUDA. Dropped
+    tokens scatter into one extra dump slot that is cut off.
+    """
+    c = r.capacity
+    if c == 0 or r.kept.numel() == 0:
         return None
-    slot = torch.where(kept, r.expert_index * c + r.position, torch.zeros_like(r.position))  # [N]
-    src = torch.zeros(num_experts * c, dtype=torch.long, device=kept.device)  # [E*C']
-    src[slot[kept]] = torch.nonzero(kept).squeeze(1)
-    filled = torch.zeros(num_experts * c, dtype=torch.bool, device=kept.device)  # [E*C']
-    filled[slot[kept]] = True
-    return DispatchPlan(slot, src, filled, c)
+    n, size, dev = r.kept.numel(), num_experts * c, r.kept.device
+    slot_or_dump = torch.where(r.kept, r.expert_index * c + r.position, size)  # [N]
+    src = torch.zeros(size + 1, dtype=torch.long, device=dev).scatter_(0, slot_or_dump, torch.arange(n, device=dev))
+    filled = torch.zeros(size + 1, dtype=torch.bool, device=dev).scatter_(0, slot_or_dump, r.kept)
+    slot = torch.where(r.kept, slot_or_dump, 0)  # [N]
+    return DispatchPlan(slot, src[:size], filled[:size], c)
 
 
 def dispatch(x: Tensor, r: Routing, plan: DispatchPlan) -> Tensor:
-    """x [N, d] -> expert buffer [E, C', d] (a row gather both ways, see _GatherRows)."""
+    """x [N, d] -> expert buffer [E, C, d] (a row gather both ways, see _GatherRows)."""
     e = plan.src.numel() // plan.capacity
     return _GatherRows.apply(x, plan.src, plan.slot, r.kept).view(e, plan.capacity, x.shape[1])
 
 
 def combine(yb: Tensor, r: Routing, plan: DispatchPlan) -> Tensor:
-    """Expert outputs [E, C', d] -> [N, d], each kept token scaled by its gate, dropped tokens 0."""
-    scale = (r.gate * r.kept).to(yb.dtype).unsqueeze(1)  # [N, 1]
-    return _GatherRows.apply(yb.reshape(-1, yb.shape[-1]), plan.slot, plan.src, plan.filled) * scale
+    """Expert outputs [E, C, d] -> [N, d], each kept token scaled by its gate, dropped tokens 0."""
+    y = _GatherRows.apply(yb.reshape(-1, yb.shape[-1]), plan.slot, plan.src, plan.filled)  # [N, d]
+    return _gate(y, r)
+
+
+def _gate(y: Tensor, r: Routing) -> Tensor:
+    """y [N, d] rows of kept tokens scaled by their gate; dropped tokens exactly 0 (whatever their row held)."""
+    return torch.where(r.kept.unsqueeze(1), y, 0) * r.gate.to(y.dtype).unsqueeze(1)
 
 
 @dataclass
 class GroupPlan:
-    """Kept tokens sorted by expert (token order within an expert), for the unpadded grouped path."""
+    """Tokens sorted by expert (kept first, token order within an expert), for the unpadded paths."""
 
-    order: Tensor  # [M] token index of each sorted row
-    inverse: Tensor  # [N] sorted row of each token (0 for dropped tokens, whose output is scaled by 0)
-    counts: list[int]  # [E] rows per expert
-    all_rows: Tensor  # [M] bool, all True (every sorted row belongs to a kept token)
+    order: Tensor  # [N] token of each sorted row (kept rows first; rows >= the kept total are dropped tokens)
+    inverse: Tensor  # [N] sorted row of each token
+    counts: Tensor  # [E] long: kept rows per expert
+    row_kept: Tensor  # [N] bool: sorted row holds a kept token
 
 
-def plan_groups(r: Routing, num_experts: int) -> GroupPlan | None:
-    kept = r.kept
-    key = torch.where(kept, r.expert_index, torch.full_like(r.expert_index, num_experts))  # dropped sort last
-    m = int(kept.sum())
+def plan_groups(r: Routing, num_experts: int) -> GroupPlan:
+    """A stable sort by (kept expert | dropped last): sync-free (no row count is read back)."""
+    key = torch.where(r.kept, r.expert_index, num_experts)  # [N]; dropped and padding sort last
+    order = torch.sort(key, stable=True).indices  # [N]
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return GroupPlan(order, inverse, count_per_expert(r.expert_index, num_experts, r.kept), r.kept[order])
+
+
+def _grouped(experts: Experts, x: Tensor, r: Routing) -> Tensor:
+    """The "grouped" path: kept rows only, one addmm pair per expert (host-side counts), see _GroupedMoE."""
+    gp = plan_groups(r, experts.num_experts)
+    counts = gp.counts.tolist()  # the host read of this path
+    m = sum(counts)
     if m == 0:
-        return None
-    order = torch.sort(key, stable=True).indices[:m]  # [M]
-    inverse = torch.zeros_like(r.expert_index)
-    inverse[order] = torch.arange(m, device=order.device)
-    counts = torch.bincount(key[order], minlength=num_experts).tolist()
-    return GroupPlan(order, inverse, counts, torch.ones(m, dtype=torch.bool, device=order.device))
+        return x.new_zeros(x.shape)
+    row = torch.where(r.kept, gp.inverse, m)  # [N]; dropped tokens read the zero row M
+    scale = r.gate * r.kept  # [N]
+    pool = experts.pool if x.device.type == "cpu" else None
+    p = experts
+    return _GroupedMoE.apply(x, scale, gp.order[:m], row, counts, pool, p.w_in, p.b_in, p.w_out, p.b_out)
 
 
-def dispatch_combine(experts: Experts, x: Tensor, r: Routing, grouped: bool | None = None) -> Tensor:
-    """Run each kept token through its expert, scale by its gate; dropped tokens get zeros. x [N, d] -> [N, d].
+def _grouped_mm(experts: Experts, x: Tensor, r: Routing) -> Tensor:
+    """The "grouped_mm" path: all N rows sorted by expert, kept rows first; torch._grouped_mm over the kept groups.
 
-    grouped: tokens sorted by expert, one matmul pair per expert on its exact slice, no padding.
-    padded: a [E, C', d] buffer with C' = the largest kept count and two batched matmuls (one kernel each, at the
-    price of computing C' - count_e padding rows per expert).
-    Default (grouped=None): grouped on CPU while experts get >= GROUPED_MIN_TOKENS tokens on average (few large
-    matmuls beat the padding), padded otherwise and on CUDA (many small per-expert calls cost more than padding;
-    measured in benchmarks/bench_moe.py, see the README's Performance section).
-    Either way dispatch and combine are row gathers in both directions (_GatherRows) and no [tokens, experts,
-    capacity] tensor exists: memory grows with tokens only.
+    Rows past the last group (dropped tokens) are never written by the grouped GEMM and are masked out by `where`
+    in both directions. bf16 under autocast (the CUTLASS kernel is bf16-only); otherwise the parameters' dtype.
     """
-    if grouped is None:
-        grouped = x.device.type == "cpu" and x.shape[0] >= GROUPED_MIN_TOKENS * experts.num_experts
-    if grouped:
-        gp = plan_groups(r, experts.num_experts)
-        if gp is None:
-            return x.new_zeros(x.shape)
-        xs = _GatherRows.apply(x, gp.order, gp.inverse, r.kept)  # [M, d]
-        ys = experts.forward_grouped(xs, gp.counts)  # [M, d]
-        scale = (r.gate * r.kept).to(ys.dtype).unsqueeze(1)  # [N, 1]
-        return _GatherRows.apply(ys, gp.inverse, gp.order, gp.all_rows) * scale
+    gp = plan_groups(r, experts.num_experts)
+    offs = torch.cumsum(gp.counts, 0).to(torch.int32)  # [E] end row of each expert's group
+    dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    p = experts
+    with torch.autocast(x.device.type, enabled=False):
+        xs = _GatherRows.apply(x.to(dt), gp.order, gp.inverse, r.kept)  # [N, d]
+        row_expert = torch.where(gp.row_kept, r.expert_index[gp.order], 0)  # [N]
+        h = torch._grouped_mm(xs, p.w_in.to(dt), offs=offs) + p.b_in.to(dt).index_select(0, row_expert)
+        h = torch.where(gp.row_kept.unsqueeze(1), h, 0)  # rows past the last group hold garbage
+        ys = torch._grouped_mm(gelu(h), p.w_out.to(dt), offs=offs) + p.b_out.to(dt).index_select(0, row_expert)
+        y = _GatherRows.apply(ys, gp.inverse, gp.order, gp.row_kept)  # [N, d]
+    return _gate(y, r)
+
+
+def _padded(experts: Experts, x: Tensor, r: Routing) -> Tensor:
     plan = plan_dispatch(r, experts.num_experts)
     if plan is None:
         return x.new_zeros(x.shape)
     return combine(experts.forward_padded(dispatch(x, r, plan)), r, plan)
+
+
+def dispatch_combine(
+    experts: Experts, x: Tensor, r: Routing, grouped: bool | None = None, path: str | None = None
+) -> Tensor:
+    """Run each kept token through its expert, scale by its gate; dropped tokens get zeros. x [N, d] -> [N, d].
+
+    path: "grouped", "padded" or "grouped_mm" (see `resolve_path`); None: $SMOE_LAB_MOE_PATH or the device's
+    default. `grouped=True/False` is the older spelling of path="grouped"/"padded". Every path dispatches and
+    combines by row gathers in both directions (_GatherRows); no [tokens, experts, capacity] tensor exists.
+    """
+    if grouped is not None:
+        path = "grouped" if grouped else "padded"
+    path = resolve_path(path, x.device)
+    return {"grouped": _grouped, "padded": _padded, "grouped_mm": _grouped_mm}[path](experts, x, r)
 
 
 def moe_reference(experts: Experts, x: Tensor, r: Routing) -> Tensor:

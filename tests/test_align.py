@@ -112,3 +112,58 @@ def test_bad_inputs():
         align_expert(ExpertWeights(e.w_in * float("nan"), e.b_in, e.w_out, e.b_out), e)
     with pytest.raises(ValueError, match="workers"):
         align_experts([e], e, workers=0)
+
+
+def _objective(C, perm):
+    return float(C[perm, np.arange(C.shape[0])].sum())
+
+
+def _scipy_perm(C):
+    from scipy.optimize import linear_sum_assignment
+
+    rows, cols = linear_sum_assignment(C, maximize=True)
+    perm = np.empty_like(rows)
+    perm[cols] = rows
+    return perm
+
+
+@pytest.mark.parametrize("kind", ["uniform", "gaussian", "alignment", "ties", "tiny"])
+def test_best_assignment_reaches_scipys_optimum(kind, monkeypatch):
+    import importlib.util
+
+    from smoe_lab.reduce import align
+
+    fallbacks = []
+    scipy_solver = align.linear_sum_assignment
+    monkeypatch.setattr(align, "linear_sum_assignment", lambda *a, **k: fallbacks.append(1) or scipy_solver(*a, **k))
+
+    rng = np.random.default_rng(7)
+    n = {"tiny": 2}.get(kind, 300)
+    C = {
+        "uniform": lambda: rng.random((n, n)),
+        "gaussian": lambda: rng.standard_normal((n, n)) * 1e3,
+        "alignment": lambda: alignment_cost(random_expert(64, n, seed=1, scale=0.02), random_expert(64, n, 2)).numpy(),
+        "ties": lambda: rng.integers(0, 3, (n, n)).astype(np.float64),
+        "tiny": lambda: rng.random((n, n)),
+    }[kind]()
+    perm = align._best_assignment(torch.from_numpy(C)).numpy()
+    assert sorted(perm.tolist()) == list(range(n))
+    if importlib.util.find_spec("lapjv") is not None:
+        assert not fallbacks  # LAPJV's answer passed its float64 certificate
+    assert _objective(C, perm) == pytest.approx(_objective(C, _scipy_perm(C)), rel=1e-12, abs=1e-12)
+
+
+def test_best_assignment_without_lapjv_and_on_a_failed_certificate(monkeypatch):
+    import sys
+    import types
+
+    from smoe_lab.reduce.align import _best_assignment
+
+    C = np.random.default_rng(3).random((50, 50))
+    best = _objective(C, _scipy_perm(C))
+    monkeypatch.setitem(sys.modules, "lapjv", None)  # not installed -> scipy
+    assert _objective(C, _best_assignment(torch.from_numpy(C)).numpy()) == pytest.approx(best, rel=1e-12)
+    # A solver answer that is not optimal (identity, zero duals) fails the float64 certificate -> scipy's answer.
+    fake = types.SimpleNamespace(lapjv=lambda c: (np.arange(50), np.arange(50), (0.0, np.zeros(50), np.zeros(50))))
+    monkeypatch.setitem(sys.modules, "lapjv", fake)
+    assert _objective(C, _best_assignment(torch.from_numpy(C)).numpy()) == pytest.approx(best, rel=1e-12)
