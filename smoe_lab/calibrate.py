@@ -21,6 +21,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .checkpoint import model_hash
+from .router_health import RouterHealth, entropy_and_gate_sums, health_from_sums
 
 FORMAT = "smoe_lab.calibration.v1"
 
@@ -35,6 +36,8 @@ class LayerStats:
     processed_counts: torch.Tensor  # [Z] int64: tokens each expert processed (after drops, eval capacity)
     n_tokens: int
     logits_sample: torch.Tensor | None = None  # [n_sample, Z] float32, for plots
+    entropy_sum: float = float("nan")  # sum over tokens of the router softmax's entropy (nats); nan in old artifacts
+    gate_sum: float = float("nan")  # sum over tokens of the top-1 probability
 
     @property
     def num_experts(self) -> int:
@@ -53,6 +56,11 @@ class LayerStats:
     @property
     def dropped_fraction(self) -> float:
         return 1.0 - float(self.processed_counts.sum()) / max(self.n_tokens, 1)
+
+    @property
+    def health(self) -> RouterHealth:
+        """Router health of this layer on the calibration tokens (smoe_lab.router_health)."""
+        return health_from_sums(self.entropy_sum, self.gate_sum, self.top1_counts, self.processed_counts, self.n_tokens)
 
 
 @dataclass
@@ -75,6 +83,7 @@ class Calibration:
             tensors[f"layer{i}.top1_counts"] = s.top1_counts.contiguous()
             tensors[f"layer{i}.processed_counts"] = s.processed_counts.contiguous()
             tensors[f"layer{i}.n_tokens"] = torch.tensor([s.n_tokens], dtype=torch.int64)
+            tensors[f"layer{i}.health_sums"] = torch.tensor([s.entropy_sum, s.gate_sum], dtype=torch.float64)
             if s.logits_sample is not None:
                 tensors[f"layer{i}.logits_sample"] = s.logits_sample.contiguous()
         meta = {"format": FORMAT, "manifest": json.dumps(self.manifest, sort_keys=True, default=str)}
@@ -104,10 +113,18 @@ class Calibration:
                 processed_counts=t[f"layer{i}.processed_counts"],
                 n_tokens=int(t[f"layer{i}.n_tokens"][0]),
                 logits_sample=t.get(f"layer{i}.logits_sample"),
+                **_health_sums(t.get(f"layer{i}.health_sums")),
             )
             for i in range(n_layers)
         ]
         return cls(layers, json.loads(meta["manifest"]))
+
+
+def _health_sums(t: torch.Tensor | None) -> dict[str, float]:
+    """entropy_sum / gate_sum from an artifact (nan when it predates them)."""
+    if t is None:
+        return {}
+    return {"entropy_sum": float(t[0]), "gate_sum": float(t[1])}
 
 
 def _as_batch(item: Any, vocab_size: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -153,6 +170,7 @@ def calibrate(
     lsum = [torch.zeros(e, dtype=torch.float64) for e in z]
     top1 = [torch.zeros(e, dtype=torch.int64) for e in z]
     proc = [torch.zeros(e, dtype=torch.int64) for e in z]
+    ent_gate = [[0.0, 0.0] for _ in z]  # sums of per-token router entropy and top-1 probability
     samples: list[torch.Tensor | None] = [None] * len(layers)
     seen = [0] * len(layers)
     gen = torch.Generator().manual_seed(seed)
@@ -169,12 +187,15 @@ def calibrate(
             lsum[i] += h.sum(0)
             top1[i] += t.routed_counts.cpu()
             proc[i] += t.processed_counts.cpu()
+            ent, gate = entropy_and_gate_sums(t.router_probs)
+            ent_gate[i][0] += ent
+            ent_gate[i][1] += gate
             samples[i], seen[i] = _reservoir(samples[i], seen[i], h.float(), max_sample, gen)
     model.train(was_training)
     if n_tokens == 0:
         raise ValueError("calibration data is empty: no tokens were seen (check the task split and the batches)")
     stats = [
-        LayerStats(gram[i], lsum[i], top1[i], proc[i], n_tokens, samples[i] if max_sample > 0 else None)
+        LayerStats(gram[i], lsum[i], top1[i], proc[i], n_tokens, samples[i] if max_sample > 0 else None, *ent_gate[i])
         for i in range(len(layers))
     ]
     info = {
