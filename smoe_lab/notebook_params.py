@@ -20,6 +20,27 @@ def _err(nb: str, name: str, msg: str) -> None:
     raise ValueError(f"notebook parameter {nb}.{name}: {msg}")
 
 
+# A router recipe (docs/routers.md) names ModelConfig / TrainConfig fields; {} = the paper's settings.
+ROUTER_MODEL_FIELDS = ("router_init_std", "router_z_loss_coef", "router_jitter", "aux_loss_coef")
+ROUTER_TRAIN_FIELDS = ("router_lr_mult", "router_weight_decay")
+
+
+def split_router_recipe(nb: str, recipe: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """{field: value} -> (ModelConfig overrides, TrainConfig overrides); an unknown key fails naming the known ones."""
+    if not isinstance(recipe, dict):
+        _err(nb, "router_recipe", f"must be a mapping of router options, got {recipe!r}")
+    unknown = sorted(set(recipe) - set(ROUTER_MODEL_FIELDS) - set(ROUTER_TRAIN_FIELDS))
+    if unknown:
+        _err(
+            nb,
+            "router_recipe",
+            f"unknown option(s) {unknown}; known: {list(ROUTER_MODEL_FIELDS + ROUTER_TRAIN_FIELDS)}",
+        )
+    model = {k: v for k, v in recipe.items() if k in ROUTER_MODEL_FIELDS}
+    train = {k: v for k, v in recipe.items() if k in ROUTER_TRAIN_FIELDS}
+    return model, train
+
+
 @dataclass
 class NotebookParams(_FromDict):
     """Base: from_namespace picks this dataclass's fields out of a notebook's globals()."""
@@ -48,7 +69,11 @@ class NotebookParams(_FromDict):
 
 @dataclass
 class PretrainNotebook(NotebookParams):
-    """01_pretrain: train each variant (1 = dense, E > 1 = E experts per MoE layer) on the same tokens."""
+    """01_pretrain: train each variant (1 = dense, E > 1 = E experts per MoE layer) on the same tokens.
+
+    router_recipe: router options (ModelConfig router_init_std / router_z_loss_coef / router_jitter / aux_loss_coef,
+    TrainConfig router_lr_mult / router_weight_decay) for every variant; {} = the paper's settings.
+    """
 
     NOTEBOOK = "01_pretrain"
     preset: str = "tiny"
@@ -67,10 +92,12 @@ class PretrainNotebook(NotebookParams):
     corpus: str = "tiny"
     out_dir: str = "runs/quickstart"
     progress: bool = True
+    router_recipe: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         nb = self.NOTEBOOK
         self.out_dir = str(resolve_out_dir(self.out_dir))
+        split_router_recipe(nb, self.router_recipe)
         if self.preset not in MODEL_PRESETS:
             _err(nb, "preset", f"unknown preset {self.preset!r}; known: {sorted(MODEL_PRESETS)}")
         if not isinstance(self.variants, list) or not self.variants:
@@ -87,12 +114,15 @@ class PretrainNotebook(NotebookParams):
         self.train_config()
 
     def model_config(self, num_experts: int) -> ModelConfig:
-        return ModelConfig.preset(self.preset, **{**self.model_overrides, "num_experts": num_experts})
+        recipe, _ = split_router_recipe(self.NOTEBOOK, self.router_recipe)
+        return ModelConfig.preset(self.preset, **{**self.model_overrides, **recipe, "num_experts": num_experts})
 
     def train_config(self) -> TrainConfig:
         block = ModelConfig.preset(self.preset, **self.model_overrides).block_size
         steps = max(1, -(-self.tokens // (self.batch_size * block)))
+        _, recipe = split_router_recipe(self.NOTEBOOK, self.router_recipe)
         return TrainConfig(
+            **recipe,
             max_steps=steps,
             batch_size=self.batch_size,
             micro_batch_size=self.micro_batch_size,
@@ -175,6 +205,12 @@ class PruningNotebook(NotebookParams):
     workers: int = 1
     progress: bool = False
     out_dir: str = "runs/quickstart"
+    # Low-noise readouts (smoe_lab.readouts), no finetuning: per domain, calibrate on its held-out documents, reduce
+    # with router readout_router (merge | keep), LM loss on its validation stream + per-layer reconstruction error.
+    readout_domains: list[str] = field(default_factory=list)  # [] = off; e.g. ["news", "biomed"]
+    readout_router: str = "merge"
+    readout_calibration_tokens: int = 16384
+    readout_eval_windows: int = 0  # 0 = every window of the domain's validation stream
 
     def __post_init__(self) -> None:
         from .finetune import FinetuneConfig
@@ -201,6 +237,16 @@ class PruningNotebook(NotebookParams):
             FinetuneConfig.from_dict({**self.finetune, "seed": self.seed})
         except ValueError as e:
             _err(nb, "finetune", str(e))
+        if not isinstance(self.readout_domains, list) or not all(
+            isinstance(d, str) and d for d in self.readout_domains
+        ):
+            _err(nb, "readout_domains", f"must be a list of corpus domain names, got {self.readout_domains!r}")
+        if self.readout_router not in ("merge", "keep"):
+            _err(nb, "readout_router", f"must be 'merge' or 'keep' (no training after it), got {self.readout_router!r}")
+        for name, lo in (("readout_calibration_tokens", 1), ("readout_eval_windows", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                _err(nb, name, f"must be an integer >= {lo}, got {v!r}")
         if self.stage1:
             try:
                 FinetuneConfig.from_dict({**self.stage1, "stage": "stage1", "seed": self.seed})
@@ -258,6 +304,7 @@ class ReplicationNotebook(NotebookParams):
     eval_every: int = 50
     eval_batches: int = 16
     corpus: str = "tiny"
+    router_recipe: dict[str, Any] = field(default_factory=dict)  # router options of pretraining (docs/routers.md)
     eval_batch_size: int = 32  # pretraining losses: fixed val windows in stream order, batches of this size
     eval_windows: int = 0  # 0 = every non-overlapping window of the validation split; else that many, spread evenly
     ablation_capacity_factors: list[float] = field(default_factory=lambda: [1.25, 2.0])
@@ -328,6 +375,7 @@ class ReplicationNotebook(NotebookParams):
         """Notebook 01's settings for one seed of this study (same tokens for every variant of that seed)."""
         names = ["preset", "model_overrides", "variants", "tokens", "batch_size", "micro_batch_size", "lr"]
         names += ["min_lr", "warmup_steps", "weight_decay", "eval_every", "eval_batches", "corpus", "progress"]
+        names += ["router_recipe"]
         return PretrainNotebook(**{n: getattr(self, n) for n in names}, seed=seed, out_dir=self.study_dir)
 
     def pruning_notebook(self, seed: int) -> PruningNotebook:
