@@ -9,6 +9,7 @@ from smoe_lab import paths
 from smoe_lab.config import load_yaml
 from smoe_lab.notebook_params import NOTEBOOK_PARAMS
 from smoe_lab.pipeline import pipeline_plan, run_pipeline
+from smoe_lab.results import ResultsStore
 
 NOTEBOOKS = sorted(paths.notebooks_dir().glob("*.ipynb"))
 
@@ -81,6 +82,11 @@ def test_ci_pipeline_end_to_end(tmp_path):
     # 03 ran the paper's stage 1 (instruction mix) before each task finetune, with the ci parameters
     assert all((d / "checkpoint" / "config.json").is_file() for d in (out / "stage1").iterdir())
     assert len(list((out / "stage1").iterdir())) == 4  # base 4e, dense, and the two reductions
+    # 01 drew router health; 03 stored the zero-shot readouts (LM loss on val_news, layer reconstruction)
+    assert (out / "figures" / "router_entropy_ratio.png").is_file() and (out / "tables" / "router_health.csv").is_file()
+    readouts = ResultsStore(out / "results.sqlite").rows(stage="zeroshot", task="corpus:val_news")
+    assert {"lm_loss", "recon_routed", "recon_mapped"} <= set(readouts["metric"])
+    assert len(readouts[readouts["metric"] == "recon_mapped"]) == 2  # uncurl and freq_prune, 4e -> 2e
     table = (out / "tables" / "pretrain.csv").read_text().splitlines()
     assert table[0].startswith("model,params,active_params") and len(table) == 3
     # a second run skips every notebook: outputs are up to date
