@@ -115,27 +115,37 @@ def _mean_sd(values: pd.Series) -> str:
     return f"{v.mean():.3f}" + ("" if math.isnan(sd) else f" ± {sd:.3f}")
 
 
+def _paired(g: pd.DataFrame, ref: pd.Series, key) -> pd.Series:
+    """val_loss of each run of g minus the reference run with the same key (nan where there is none)."""
+    return pd.Series([r.val_loss - ref.get(key(r), float("nan")) for r in g.itertuples()], dtype=float)
+
+
 def summarize(df: pd.DataFrame) -> pd.DataFrame:
-    """One row per (budget, recipe, experts): seeds, mean ± sd over seeds of val loss, its gap to the dense model of
-    the same budget and seeds (paired), worst-layer entropy / ln E, mean top-1 gate, min/max expert share, drops."""
+    """One row per (budget, recipe, experts): seeds, mean ± sd over seeds of val loss, its paired difference to the
+    paper's settings (same budget, experts and seed) and to the dense model (same budget and seed) where those were
+    run, worst-layer entropy / ln E, mean top-1 gate, smallest / largest expert share, drop fraction."""
+    paper = df[df["recipe"] == "paper"].set_index(["budget", "experts", "seed"])["val_loss"]
     dense = df[df["experts"] == 1].set_index(["budget", "seed"])["val_loss"]
     rows = []
     for (budget, recipe, experts), g in df.groupby(["budget", "recipe", "experts"], sort=False):
-        gap = pd.Series([r.val_loss - dense.get((budget, r.seed), float("nan")) for r in g.itertuples()], dtype=float)
+        moe = experts > 1
+        vs_paper = _paired(g, paper, lambda r: (r.budget, r.experts, r.seed))
+        vs_dense = _paired(g, dense, lambda r: (r.budget, r.seed))
         rows.append(
             {
                 "budget": budget,
                 "recipe": recipe,
                 "experts": int(experts),
-                "seeds": len(g),
+                "seeds": " ".join(str(int(s)) for s in sorted(g["seed"])),
                 "val_loss": _mean_sd(g["val_loss"]),
-                "vs_dense": _mean_sd(gap) if experts > 1 else "",
-                "entropy_ratio_max": _mean_sd(g["entropy_ratio_max"]) if experts > 1 else "",
-                "top1_gate": _mean_sd(g["top1_gate_mean"]) if experts > 1 else "",
-                "min_share": _mean_sd(g["min_share_min"]) if experts > 1 else "",
-                "max_share": _mean_sd(g["max_share_max"]) if experts > 1 else "",
-                "drop_frac": _mean_sd(g["drop_frac_mean"]) if experts > 1 else "",
-                "specialised": bool((g["entropy_ratio_max"] <= 0.5).all()) if experts > 1 else "",
+                "vs paper": _mean_sd(vs_paper) if moe and recipe != "paper" else "",
+                "vs dense": _mean_sd(vs_dense) if moe else "",
+                "entropy/lnE (worst layer)": _mean_sd(g["entropy_ratio_max"]) if moe else "",
+                "top-1 gate": _mean_sd(g["top1_gate_mean"]) if moe else "",
+                "min share": _mean_sd(g["min_share_min"]) if moe else "",
+                "max share": _mean_sd(g["max_share_max"]) if moe else "",
+                "dropped": _mean_sd(g["drop_frac_mean"]) if moe else "",
+                "<= 0.5 ln E": ("yes" if bool((g["entropy_ratio_max"] <= 0.5).all()) else "no") if moe else "",
             }
         )
     return pd.DataFrame(rows)
