@@ -16,7 +16,7 @@ several people, did not allow the full factorial grid):
     screen   quick budget, seed 0, 32 experts (the harder case): each option alone, three router lr multipliers,
              two combinations
     seeds    quick budget, seeds 0-2: the chosen recipe and the paper's settings at 32e and 8e (paired by seed)
-    science  science budget: the chosen recipe at 32e, seed 0
+    science  science budget: the chosen recipe at 32e and 8e, seed 0
 """
 
 from __future__ import annotations
@@ -74,7 +74,7 @@ def grid(stage: str) -> list[tuple[str, str, int, int]]:
     if stage == "seeds":
         return [("quick", r, e, s) for s in (0, 1, 2) for r in (CHOSEN, "paper") for e in (32, 8)]
     if stage == "science":
-        return [("science", CHOSEN, 32, 0)]
+        return [("science", CHOSEN, 32, 0), ("science", CHOSEN, 8, 0)]
     raise ValueError(f"unknown stage {stage!r}; known: screen, seeds, science")
 
 

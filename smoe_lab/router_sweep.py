@@ -93,7 +93,7 @@ def run_sweep(
     csv_path = Path(csv_path)
     done = done_keys(csv_path)
     for budget, name, experts, seed in grid:
-        if (budget, name, experts, seed) in done:
+        if (budget, name, experts, seed) in done | done_keys(csv_path):  # another worker may have run it meanwhile
             continue
         if budget not in budgets or name not in recipes:
             raise ValueError(f"grid point {(budget, name, experts, seed)}: unknown budget or recipe")
