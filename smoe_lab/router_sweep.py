@@ -148,7 +148,14 @@ def summarize(df: pd.DataFrame) -> pd.DataFrame:
                 "<= 0.5 ln E": ("yes" if bool((g["entropy_ratio_max"] <= 0.5).all()) else "no") if moe else "",
             }
         )
-    return pd.DataFrame(rows)
+    out = pd.DataFrame(rows)
+    if out.empty:
+        return out
+    key = out["recipe"].ne("paper").astype(int)  # within a budget and size: the paper's settings first
+    out = out.assign(_k=key).sort_values(["budget", "experts", "_k"], kind="stable").drop(columns="_k")
+    if dense.empty:
+        out = out.drop(columns="vs dense")
+    return out.reset_index(drop=True)
 
 
 def unspecialised(df: pd.DataFrame) -> list[str]:
