@@ -23,6 +23,7 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from .checkpoint import fsync_dir, model_hash
+from .router_health import RouterHealth, entropy_and_gate_sums, health_from_sums
 
 FORMAT = "smoe_lab.calibration.v1"
 
@@ -42,6 +43,8 @@ class LayerStats:
     selected_counts: torch.Tensor | None = None  # [Z] int64: tokens that chose each expert among their top k
     gate_mass: torch.Tensor | None = None  # [Z] float64
     top_k: int = 1
+    entropy_sum: float = float("nan")  # sum over tokens of the router softmax's entropy (nats); nan in old artifacts
+    gate_sum: float = float("nan")  # sum over tokens of the top-1 probability
 
     @property
     def num_experts(self) -> int:
@@ -76,6 +79,11 @@ class LayerStats:
     def dropped_fraction(self) -> float:
         return 1.0 - float(self.processed_counts.sum()) / max(self.n_tokens, 1)
 
+    @property
+    def health(self) -> RouterHealth:
+        """Router health of this layer on the calibration tokens (smoe_lab.router_health)."""
+        return health_from_sums(self.entropy_sum, self.gate_sum, self.top1_counts, self.processed_counts, self.n_tokens)
+
 
 @dataclass
 class Calibration:
@@ -97,6 +105,7 @@ class Calibration:
             tensors[f"layer{i}.top1_counts"] = s.top1_counts.contiguous()
             tensors[f"layer{i}.processed_counts"] = s.processed_counts.contiguous()
             tensors[f"layer{i}.n_tokens"] = torch.tensor([s.n_tokens], dtype=torch.int64)
+            tensors[f"layer{i}.health_sums"] = torch.tensor([s.entropy_sum, s.gate_sum], dtype=torch.float64)
             if s.logits_sample is not None:
                 tensors[f"layer{i}.logits_sample"] = s.logits_sample.contiguous()
             if s.selected_counts is not None:
@@ -142,6 +151,7 @@ class Calibration:
                     selected_counts=t.get(f"layer{i}.selected_counts"),
                     gate_mass=t.get(f"layer{i}.gate_mass"),
                     top_k=int(t[f"layer{i}.top_k"][0]) if f"layer{i}.top_k" in t else 1,
+                    **_health_sums(t.get(f"layer{i}.health_sums")),
                 )
                 for i in range(n_layers)
             ]
@@ -157,6 +167,13 @@ class Calibration:
             if s.gram.shape != (z, z) or s.top1_counts.shape != (z,) or s.processed_counts.shape != (z,):
                 raise ValueError(f"{path}: layer {i} tensors have inconsistent shapes (corrupted artifact)")
         return cls(layers, manifest)
+
+
+def _health_sums(t: torch.Tensor | None) -> dict[str, float]:
+    """entropy_sum / gate_sum from an artifact (nan when it predates them)."""
+    if t is None:
+        return {}
+    return {"entropy_sum": float(t[0]), "gate_sum": float(t[1])}
 
 
 def _as_batch(item: Any, vocab_size: int, block_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -207,6 +224,7 @@ def calibrate(
     chosen = [torch.zeros(e, dtype=torch.int64) for e in z]
     mass = [torch.zeros(e, dtype=torch.float64) for e in z]
     top_k = [int(getattr(m, "top_k", 1)) for m in layers]
+    ent_gate = [[0.0, 0.0] for _ in z]  # sums of per-token router entropy and top-1 probability
     samples: list[torch.Tensor | None] = [None] * len(layers)
     seen = [0] * len(layers)
     gen = torch.Generator().manual_seed(seed)
@@ -222,7 +240,7 @@ def calibrate(
             real = int(mask.sum()) if mask is not None else idx.numel()
             n_tokens += real
             expect = None if getattr(model, "hf_family", None) is not None else real  # HF decoders may add tokens (BOS)
-            _accumulate(layers, expect, gram, lsum, top1, proc, chosen, mass, samples, seen, max_sample, gen)
+            _accumulate(layers, expect, gram, lsum, top1, proc, chosen, mass, ent_gate, samples, seen, max_sample, gen)
     finally:
         for m, flag in zip(layers, recording):
             m.record_logits = flag
@@ -240,6 +258,8 @@ def calibrate(
             selected_counts=chosen[i],
             gate_mass=mass[i],
             top_k=top_k[i],
+            entropy_sum=ent_gate[i][0],
+            gate_sum=ent_gate[i][1],
         )
         for i in range(len(layers))
     ]
@@ -270,7 +290,7 @@ def _selections(t) -> tuple[torch.Tensor, torch.Tensor]:
     return t.routed_counts.cpu(), torch.zeros(p.shape[1], dtype=torch.float64).index_add_(0, top.indices, top.values)
 
 
-def _accumulate(layers, expect, gram, lsum, top1, proc, chosen, mass, samples, seen, max_sample: int, gen) -> None:
+def _accumulate(layers, expect, gram, lsum, top1, proc, chosen, mass, ent_gate, samples, seen, max_sample: int, gen):
     """Add one batch's router telemetry to every layer's running statistics; `expect`: the number of unpadded tokens
     every layer must have recorded (None: not checked)."""
     for i, m in enumerate(layers):
@@ -285,6 +305,9 @@ def _accumulate(layers, expect, gram, lsum, top1, proc, chosen, mass, samples, s
         c, g = _selections(t)
         chosen[i] += c
         mass[i] += g
+        ent, gate = entropy_and_gate_sums(t.router_probs)
+        ent_gate[i][0] += ent
+        ent_gate[i][1] += gate
         samples[i], seen[i] = _reservoir(samples[i], seen[i], h.float(), max_sample, gen)
 
 

@@ -16,6 +16,7 @@ from .reduce.methods import METHODS, plan_layer, plan_layers
 from .reduce.similarity import similarity_from_gram
 from .reduce.spectral import cluster_silhouette, eigengap, spectral_embedding, suggest_num_clusters
 from .reduce.stability import cluster_stability
+from .router_health import RouterHealth
 
 
 @dataclass
@@ -115,6 +116,10 @@ class ClusterExplorer:
             silhouette=cluster_silhouette(F, labels) if (labels >= 0).all() else float("nan"),
             suggested_D=suggest_d(ev),
         )
+
+    def health(self, layer: int) -> RouterHealth:
+        """Router health of MoE layer `layer` on the calibration tokens (entropy / ln E, top-1 gate, shares, drops)."""
+        return self.cal.layers[layer].health
 
     def stability(self, D: int, seeds: tuple[int, ...] = (0, 1, 2, 3, 4)) -> list[float]:
         """Mean pairwise ARI of UNCURL's clusters across k-means seeds, per layer."""

@@ -90,6 +90,11 @@ class ModelConfig(_FromDict):
     moe_impl: "native" (smoe_lab.moe.MoELayer) or "deepspeed" (smoe_lab.ds.moe.DeepSpeedMoELayer, built from
     deepspeed.moe.layer.MoE); ep_size: expert-parallel ranks per expert group (deepspeed only; divides every
     layer's expert count); use_rts: DeepSpeed's Random Token Selection when capacity binds (deepspeed only).
+
+    Router options (docs/routers.md; the defaults are the paper's): router_init_std, the std of the router's normal
+    init (GPT-2's 0.02; also used when a reduction re-initialises a router); router_z_loss_coef, ST-MoE's router
+    z-loss coefficient (Zoph et al. 2022 use 1e-3), added to aux; router_jitter, Switch's multiplicative input
+    jitter eps (Fedus et al. 2021 use 1e-2). z-loss and jitter are native-only (moe_impl "native").
     """
 
     n_layer: int = 4
@@ -112,6 +117,9 @@ class ModelConfig(_FromDict):
     moe_impl: str = "native"  # native | deepspeed
     ep_size: int = 1
     use_rts: bool = False
+    router_init_std: float = 0.02
+    router_z_loss_coef: float = 0.0
+    router_jitter: float = 0.0
     # Provenance of a reduced model: per MoE layer, old expert index -> new expert index (-1 = dropped).
     expert_map: list[list[int]] | None = None
 
@@ -132,6 +140,18 @@ class ModelConfig(_FromDict):
         if self.moe_impl not in ("native", "deepspeed"):
             _fail(c, "moe_impl", f"must be 'native' or 'deepspeed', got {self.moe_impl!r}")
         _check_positive_int(c, "ep_size", self.ep_size)
+        _check_number(c, "router_init_std", self.router_init_std, 0.0, lo_open=True)
+        _check_number(c, "router_z_loss_coef", self.router_z_loss_coef, 0.0)
+        _check_number(c, "router_jitter", self.router_jitter, 0.0, 1.0)
+        if self.router_jitter >= 1.0:
+            _fail(c, "router_jitter", f"must be < 1 (the noise is uniform(1 - eps, 1 + eps)), got {self.router_jitter}")
+        for name in ("router_z_loss_coef", "router_jitter"):
+            if getattr(self, name) > 0 and self.moe_impl != "native":
+                _fail(
+                    c,
+                    name,
+                    f"is native-only (moe_impl 'native'); DeepSpeed's gate has no such option, got {self.moe_impl!r}",
+                )
         if not isinstance(self.use_rts, bool):
             _fail(c, "use_rts", f"must be a bool, got {self.use_rts!r}")
         if self.ep_size > 1 and self.moe_impl != "deepspeed":
@@ -220,6 +240,10 @@ class TrainConfig(_FromDict):
     engine: "torch" (one process) or "deepspeed" (smoe_lab.ds.engine: data / expert parallel over the ranks of
     the `deepspeed` launcher; accumulation batch_size // micro_batch_size // world_size); zero_stage: DeepSpeed's
     ZeRO stage 0, 1 or 2 (deepspeed engine only; stage 3 is not supported with MoE layers).
+
+    Router optimiser options (docs/routers.md; the defaults are the paper's, both engines honour them): the MoE
+    routers' weights get their own AdamW group with learning rate router_lr_mult x the schedule's and weight decay
+    router_weight_decay (None = weight_decay).
     """
 
     max_steps: int = 100
@@ -242,6 +266,8 @@ class TrainConfig(_FromDict):
     dtype: str = "auto"  # auto (bf16 autocast on CUDA, fp32 on CPU) | float32 | bfloat16
     engine: str = "torch"  # torch | deepspeed
     zero_stage: int = 0
+    router_lr_mult: float = 1.0
+    router_weight_decay: float | None = None
 
     def __post_init__(self) -> None:
         c = "TrainConfig"
@@ -262,6 +288,9 @@ class TrainConfig(_FromDict):
         _check_number(c, "beta2", self.beta2, 0.0, 1.0)
         _check_number(c, "eps", self.eps, 0.0, lo_open=True)
         _check_number(c, "grad_clip", self.grad_clip, 0.0)
+        _check_number(c, "router_lr_mult", self.router_lr_mult, 0.0, lo_open=True)
+        if self.router_weight_decay is not None:
+            _check_number(c, "router_weight_decay", self.router_weight_decay, 0.0)
         if self.device not in ("auto", "cpu", "cuda"):
             _fail(c, "device", f"must be auto, cpu or cuda, got {self.device!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):

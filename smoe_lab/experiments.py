@@ -18,6 +18,8 @@ import pandas as pd
 
 from . import cachekey, checkpoint
 from .notebook_params import PretrainNotebook
+from .readouts import domain_calibration_batches
+from .router_health import last_health, specialisation_warning
 from .train import pretrain, pretrain_key, read_metrics, resolve_corpus
 
 
@@ -87,8 +89,33 @@ def summarize_run(run_dir: str | Path) -> dict[str, Any]:
         "drop_frac_last": (sum(train[-1]["drop_frac"]) / len(train[-1]["drop_frac"]))
         if "drop_frac" in train[-1]
         else 0.0,
+        **_health_columns(metrics),
         "run_dir": str(run_dir),
     }
+
+
+def _health_columns(metrics: list[dict[str, Any]]) -> dict[str, Any]:
+    """Router health at the end of a run (last evaluation): worst layer's entropy / ln E, mean top-1 gate, and the
+    plain warning when a layer stayed above 0.8 ln E (smoe_lab.router_health)."""
+    h = last_health(metrics)
+    if not h:
+        return {"entropy_ratio_max": float("nan"), "top1_gate_mean": float("nan"), "router_warning": ""}
+    return {
+        "entropy_ratio_max": max(h["entropy_ratio"]),
+        "top1_gate_mean": round(sum(h["top1_gate"]) / len(h["top1_gate"]), 4),
+        "router_warning": specialisation_warning(h["entropy_ratio"]) or "",
+    }
+
+
+def router_health_table(table: pd.DataFrame) -> pd.DataFrame:
+    """One row per (SMoE model, MoE layer): router health at the end of pretraining (last evaluation, validation
+    data): entropy / ln E, mean top-1 gate, largest and smallest expert share, drop fraction (router_health)."""
+    rows = []
+    for r in table.itertuples():
+        h = last_health(read_metrics(Path(r.run_dir) / "metrics.jsonl"))
+        for layer in range(len(h.get("entropy_ratio", []))):
+            rows.append({"model": r.model, "layer": layer, **{k: v[layer] for k, v in h.items()}})
+    return pd.DataFrame(rows)
 
 
 def load_curves(table: pd.DataFrame) -> dict[str, list[dict[str, Any]]]:
@@ -166,13 +193,19 @@ def calibration_batches_for(
     seed: int = 0,
     max_tokens: int | None = None,
 ):
-    """Calibration batches from a task ('boolq', 'cloze-news', ...) or from corpus text ('corpus:val_news')."""
+    """Calibration batches from a task ('boolq', 'cloze-news', ...), from corpus text ('corpus:val_news'), or from a
+    domain's held-out documents ('heldout:news', in neither train nor val: `readouts.domain_calibration_batches`)."""
     from .checkpoint import load_tokenizer, read_config
 
     cfg, _ = read_config(ckpt)
     block = cfg.block_size
     if source.startswith("corpus:") and getattr(cfg, "family", None):
         raise ValueError(f"{source}: corpus windows are ids of smoe_lab's tokenizer; calibrate {ckpt} on a task")
+    if source.startswith("heldout:"):
+        if not corpus:
+            raise ValueError(f"calibration source {source!r} needs a corpus")
+        domain = source.split(":", 1)[1]
+        return domain_calibration_batches(resolve_corpus(corpus), domain, batch_size, block, max_tokens)
     if source.startswith("corpus:"):
         from .data.corpus import iter_eval_batches
 
@@ -260,6 +293,8 @@ def cluster_summary(explorer, D: int, methods: list[str], stability_seeds: list[
                     "silhouette": round(v.silhouette, 4),
                     "largest_gap_D": v.suggested_D,
                     "uncurl_stability_ari": round(stab[layer], 4),
+                    "router_entropy_ratio": round(explorer.health(layer).entropy_ratio, 4),
+                    "router_top1_gate": round(explorer.health(layer).top1_gate, 4),
                 }
             )
     return pd.DataFrame(rows)

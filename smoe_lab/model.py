@@ -70,6 +70,8 @@ class Block(nn.Module):
                 cfg.capacity_factor_eval,
                 cfg.min_capacity,
                 cfg.drop_tokens,
+                router_jitter=cfg.router_jitter,
+                router_z_loss_coef=cfg.router_z_loss_coef,
             )
         self.drop = nn.Dropout(cfg.dropout)
 
@@ -134,9 +136,9 @@ class GPT(nn.Module):
                         m.bias.zero_()
             for layer in self.moe_layers():
                 if isinstance(layer, MoELayer):
-                    init_moe_(layer, n_layer, g)
-                else:
-                    layer.init_weights_(n_layer, g)  # DeepSpeed-MoE: init_moe_'s draws on the stacked layout
+                    init_moe_(layer, n_layer, g, router_std=self.config.router_init_std)
+                else:  # DeepSpeed-MoE: init_moe_'s draws on the stacked layout
+                    layer.init_weights_(n_layer, g, router_std=self.config.router_init_std)
 
     # -- structure -----------------------------------------------------------------------------------------
     def moe_layers(self) -> list[MoELayer]:
@@ -172,11 +174,15 @@ class GPT(nn.Module):
         return logits, loss, self.aux_loss()
 
     def aux_loss(self) -> Tensor:
-        """alpha * sum of the last forward's per-layer load-balancing losses (0 for a dense model)."""
+        """alpha * sum of the last forward's per-layer load-balancing losses (0 for a dense model), plus
+        router_z_loss_coef * sum of the per-layer router z-losses when that option is on."""
         layers = self.moe_layers()
         if not layers:
             return torch.zeros((), device=self.lm_head.weight.device)
-        return self.config.aux_loss_coef * torch.stack([m.aux_loss for m in layers]).sum()
+        aux = self.config.aux_loss_coef * torch.stack([m.aux_loss for m in layers]).sum()
+        if self.config.router_z_loss_coef > 0:
+            aux = aux + self.config.router_z_loss_coef * torch.stack([m.z_loss for m in layers]).sum()
+        return aux
 
     def telemetry(self):
         """Per MoE layer routing statistics of the last forward pass."""

@@ -30,6 +30,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from .router_health import RouterHealth, router_health
+
 
 def gelu(x: Tensor) -> Tensor:
     """GPT-2's GELU (tanh approximation)."""
@@ -225,6 +227,11 @@ class MoETelemetry:
         p = self.router_probs
         return float(-(p * torch.log(p.clamp_min(1e-20))).sum(1).mean()) if self.num_tokens else 0.0
 
+    @property
+    def health(self) -> RouterHealth:
+        """`smoe_lab.router_health.RouterHealth` of this forward pass (entropy / ln E, top-1 gate, shares, drops)."""
+        return router_health(self.router_probs, self.routed_counts, self.processed_counts)
+
 
 class MoELayer(nn.Module):
     """Top-1 Switch MoE FFN. `.router` is nn.Linear(d_model, E, bias=False); `.experts` holds the stacked FFNs.
@@ -232,6 +239,11 @@ class MoELayer(nn.Module):
     forward(x [B, T, C], mask [B, T] | None) -> [B, T, C]. A kept token's output is gate * expert(x); a dropped
     token's output is zero (the residual stream carries it). The load-balancing loss of the last call is in
     `.aux_loss` (alpha not applied) and routing statistics in `.telemetry`.
+
+    Router options that help routers learn (off by default, see docs/routers.md): router_jitter multiplies the
+    router's input (not the experts') by uniform(1 - eps, 1 + eps) noise in training (Switch, Fedus et al. 2021);
+    router_z_loss_coef > 0 makes the layer keep `.z_loss`, the mean over real tokens of logsumexp(logits)^2
+    (ST-MoE, Zoph et al. 2022; the coefficient is applied by GPT.aux_loss).
     """
 
     def __init__(
@@ -243,9 +255,14 @@ class MoELayer(nn.Module):
         capacity_factor_eval: float = 1.0,
         min_capacity: int = 4,
         drop_tokens: bool = True,
+        router_jitter: float = 0.0,
+        router_z_loss_coef: float = 0.0,
     ):
         super().__init__()
         self.router = nn.Linear(d_model, num_experts, bias=False)
+        self.router_jitter = router_jitter
+        self.router_z_loss_coef = router_z_loss_coef
+        self.z_loss: Tensor | None = None
         self.experts = Experts(num_experts, d_model, d_ff)
         self.capacity_factor_train = capacity_factor_train
         self.capacity_factor_eval = capacity_factor_eval
@@ -265,8 +282,13 @@ class MoELayer(nn.Module):
         return self.capacity_factor_train if self.training else self.capacity_factor_eval
 
     def route(self, x: Tensor, mask: Tensor | None = None) -> tuple[Tensor, Routing]:
-        """x [N, C] -> (logits [N, E], Routing)."""
+        """x [N, C] -> (logits [N, E], Routing). Keeps `.z_loss` when router_z_loss_coef > 0."""
+        if self.training and self.router_jitter > 0:  # Switch's input jitter: the router's input only
+            eps = self.router_jitter
+            x = x * torch.empty_like(x).uniform_(1.0 - eps, 1.0 + eps)
         logits = self.router(x)  # [N, E]
+        if self.router_z_loss_coef > 0:
+            self.z_loss = router_z_loss(logits, mask)
         return logits, top1_route(logits, self.capacity_factor, self.min_capacity, self.drop_tokens, mask)
 
     def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
@@ -594,11 +616,25 @@ def moe_reference(experts: Experts, x: Tensor, r: Routing) -> Tensor:
     return out
 
 
-def init_moe_(layer: MoELayer, n_layer: int, generator: torch.Generator | None = None) -> None:
-    """GPT-2 init: normal(0, 0.02); the residual projection (w_out) scaled by 1/sqrt(2 n_layer); biases zero."""
+def router_z_loss(logits: Tensor, mask: Tensor | None = None) -> Tensor:
+    """ST-MoE's router z-loss: mean over real tokens of logsumexp(logits)^2 (coefficient not applied). [N, E] -> []"""
+    z = torch.logsumexp(logits.float(), dim=1) ** 2  # [N]
+    if mask is None:
+        return z.mean()
+    valid = mask.reshape(-1).to(z.dtype)
+    return (z * valid).sum() / valid.sum().clamp_min(1.0)
+
+
+def init_moe_(
+    layer: MoELayer, n_layer: int, generator: torch.Generator | None = None, router_std: float = 0.02
+) -> None:
+    """GPT-2 init: normal(0, 0.02); the residual projection (w_out) scaled by 1/sqrt(2 n_layer); biases zero.
+
+    router_std: the router's std (ModelConfig.router_init_std, 0.02 by default); the draws are the same either way.
+    """
     std = 0.02
     with torch.no_grad():
-        layer.router.weight.normal_(0.0, std, generator=generator)
+        layer.router.weight.normal_(0.0, router_std, generator=generator)
         layer.experts.w_in.normal_(0.0, std, generator=generator)
         layer.experts.w_out.normal_(0.0, std / math.sqrt(2 * n_layer), generator=generator)
         layer.experts.b_in.zero_()

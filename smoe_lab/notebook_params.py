@@ -24,6 +24,27 @@ def _err(nb: str, name: str, msg: str) -> None:
     raise ValueError(f"notebook parameter {nb}.{name}: {msg}")
 
 
+# A router recipe (docs/routers.md) names ModelConfig / TrainConfig fields; {} = the paper's settings.
+ROUTER_MODEL_FIELDS = ("router_init_std", "router_z_loss_coef", "router_jitter", "aux_loss_coef")
+ROUTER_TRAIN_FIELDS = ("router_lr_mult", "router_weight_decay")
+
+
+def split_router_recipe(nb: str, recipe: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """{field: value} -> (ModelConfig overrides, TrainConfig overrides); an unknown key fails naming the known ones."""
+    if not isinstance(recipe, dict):
+        _err(nb, "router_recipe", f"must be a mapping of router options, got {recipe!r}")
+    unknown = sorted(set(recipe) - set(ROUTER_MODEL_FIELDS) - set(ROUTER_TRAIN_FIELDS))
+    if unknown:
+        _err(
+            nb,
+            "router_recipe",
+            f"unknown option(s) {unknown}; known: {list(ROUTER_MODEL_FIELDS + ROUTER_TRAIN_FIELDS)}",
+        )
+    model = {k: v for k, v in recipe.items() if k in ROUTER_MODEL_FIELDS}
+    train = {k: v for k, v in recipe.items() if k in ROUTER_TRAIN_FIELDS}
+    return model, train
+
+
 @dataclass
 class NotebookParams(_FromDict):
     """Base: from_namespace picks this dataclass's fields out of a notebook's globals()."""
@@ -65,7 +86,11 @@ class NotebookParams(_FromDict):
 class PretrainSettings(NotebookParams):
     """The pretraining recipe's parameters, shared by 01_pretrain and 05_replication (which runs 01 per seed):
     model preset and overrides, the variants (1 = dense, E > 1 = E experts per MoE layer), tokens per model, the
-    optimiser schedule, the periodic evaluation, the corpus. Validated by PretrainNotebook."""
+    optimiser schedule, the periodic evaluation, the corpus. Validated by PretrainNotebook.
+
+    router_recipe: router options (ModelConfig router_init_std / router_z_loss_coef / router_jitter / aux_loss_coef,
+    TrainConfig router_lr_mult / router_weight_decay) for every variant; {} = the paper's settings (docs/routers.md).
+    """
 
     preset: str = "tiny"
     model_overrides: dict[str, Any] = field(default_factory=dict)
@@ -80,6 +105,7 @@ class PretrainSettings(NotebookParams):
     eval_every: int = 50
     eval_batches: int = 16
     corpus: str = "tiny"
+    router_recipe: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -95,6 +121,7 @@ class PretrainNotebook(PretrainSettings):
         self._check_types()
         nb = self.NOTEBOOK
         self.out_dir = str(resolve_out_dir(self.out_dir))
+        split_router_recipe(nb, self.router_recipe)
         if self.preset not in MODEL_PRESETS:
             _err(nb, "preset", f"unknown preset {self.preset!r}; known: {sorted(MODEL_PRESETS)}")
         if not isinstance(self.variants, list) or not self.variants:
@@ -111,7 +138,8 @@ class PretrainNotebook(PretrainSettings):
         self.train_config()
 
     def model_config(self, num_experts: int) -> ModelConfig:
-        return ModelConfig.preset(self.preset, **{**self.model_overrides, "num_experts": num_experts})
+        recipe, _ = split_router_recipe(self.NOTEBOOK, self.router_recipe)
+        return ModelConfig.preset(self.preset, **{**self.model_overrides, **recipe, "num_experts": num_experts})
 
     def train_config(self) -> TrainConfig:
         block = ModelConfig.preset(self.preset, **self.model_overrides).block_size
@@ -125,7 +153,9 @@ class PretrainNotebook(PretrainSettings):
                 self.tokens,
                 steps,
             )
+        _, recipe = split_router_recipe(self.NOTEBOOK, self.router_recipe)
         return TrainConfig(
+            **recipe,
             max_steps=steps,
             batch_size=self.batch_size,
             micro_batch_size=self.micro_batch_size,
@@ -213,6 +243,12 @@ class PruningNotebook(NotebookParams):
     workers: int = 1
     progress: bool = False
     out_dir: str = "runs/quickstart"
+    # Low-noise readouts (smoe_lab.readouts), no finetuning: per domain, calibrate on its held-out documents, reduce
+    # with router readout_router (merge | keep), LM loss on its validation stream + per-layer reconstruction error.
+    readout_domains: list[str] = field(default_factory=list)  # [] = off; e.g. ["news", "biomed"]
+    readout_router: str = "merge"
+    readout_calibration_tokens: int = 16384
+    readout_eval_windows: int = 0  # 0 = every window of the domain's validation stream
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -255,6 +291,16 @@ class PruningNotebook(NotebookParams):
             FinetuneConfig.from_dict({**self.finetune, "seed": self.seed})
         except ValueError as e:
             _err(nb, "finetune", str(e))
+        if not isinstance(self.readout_domains, list) or not all(
+            isinstance(d, str) and d for d in self.readout_domains
+        ):
+            _err(nb, "readout_domains", f"must be a list of corpus domain names, got {self.readout_domains!r}")
+        if self.readout_router not in ("merge", "keep"):
+            _err(nb, "readout_router", f"must be 'merge' or 'keep' (no training after it), got {self.readout_router!r}")
+        for name, lo in (("readout_calibration_tokens", 1), ("readout_eval_windows", 0)):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                _err(nb, name, f"must be an integer >= {lo}, got {v!r}")
         if self.stage1:
             try:
                 FinetuneConfig.from_dict({**self.stage1, "stage": "stage1", "seed": self.seed})

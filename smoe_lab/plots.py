@@ -9,6 +9,8 @@ from typing import Any
 import numpy as np
 import plotly.graph_objects as go
 
+from .router_health import WARN_ENTROPY_RATIO
+
 PALETTE = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#ff7f0e", "#8c564b", "#e377c2", "#17becf", "#7f7f7f"]
 
 
@@ -259,9 +261,12 @@ def stability_bars(stabilities: list[float], D: int) -> go.Figure:
 
 
 # -- pruning comparison --------------------------------------------------------------------------------------------
-def accuracy_vs_experts(rows, task: str, metric: str = "accuracy", chance: float | None = None) -> go.Figure:
+def accuracy_vs_experts(
+    rows, task: str, metric: str = "accuracy", chance: float | None = None, title: str | None = None
+) -> go.Figure:
     """Accuracy after finetuning vs experts kept per layer: one line per reduction method; models trained from
-    scratch (method 'none') as stars; the unreduced base as a dashed line."""
+    scratch (method 'none') as stars; the unreduced base as a dashed line. Also any other metric column of `rows`
+    (e.g. the zero-shot readouts' lm_loss, with a title saying so)."""
     df = rows[rows["task"] == task]
     fig = go.Figure()
     reduced = df[df["method"] != "none"]
@@ -294,7 +299,7 @@ def accuracy_vs_experts(rows, task: str, metric: str = "accuracy", chance: float
         fig.add_hline(y=chance, line=dict(dash="dot", color="#bbbbbb"), annotation_text="chance")
     ticks = sorted(set(df["d"].tolist()) | ({z_max} if z_max else set()))
     fig.update_layout(
-        title=f"{task}: {metric} after finetuning vs experts per layer",
+        title=title or f"{task}: {metric} after finetuning vs experts per layer",
         xaxis=dict(title="experts per layer (D)", type="log", tickvals=ticks, ticktext=[str(t) for t in ticks]),
         yaxis_title=metric,
         template="plotly_white",
@@ -340,6 +345,51 @@ def moe_breakdown_bars(profile) -> go.Figure:
         title="Where the time of one MoE layer goes (forward, eval mode)",
         yaxis_title="ms",
         template="plotly_white",
+        width=760,
+        height=460,
+    )
+    return fig
+
+
+# -- router health (smoe_lab.router_health) -------------------------------------------------------------------------
+def router_health_curves(
+    curves: dict[str, list[dict[str, Any]]], key: str = "entropy_ratio", kind: str = "train"
+) -> go.Figure:
+    """Router health vs tokens seen: one line per (model, MoE layer), from metrics.jsonl rows. key: entropy_ratio
+    (with the 0.8 warning line and 1 = uniform), top1_gate, max_share, min_share or drop_frac."""
+    fig = go.Figure()
+    dashes = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
+    for i, (label, rows) in enumerate(curves.items()):
+        pts = [(r["tokens"], r[key]) for r in rows if r.get("kind") == kind and key in r]
+        if not pts:
+            continue
+        x = [p[0] for p in pts]
+        for layer in range(len(pts[0][1])):
+            fig.add_trace(
+                go.Scatter(
+                    x=x,
+                    y=[p[1][layer] for p in pts],
+                    mode="lines",
+                    name=f"{label} · MoE layer {layer}",
+                    line=dict(color=PALETTE[i % len(PALETTE)], dash=dashes[layer % len(dashes)]),
+                )
+            )
+    titles = {
+        "entropy_ratio": "Router entropy / ln E (1 = uniform)",
+        "top1_gate": "Mean top-1 gate (1/E = uniform)",
+        "max_share": "Largest expert's token share",
+        "min_share": "Smallest expert's token share",
+        "drop_frac": "Dropped token share",
+    }
+    if key == "entropy_ratio":
+        fig.add_hline(y=WARN_ENTROPY_RATIO, line=dict(color="#7f7f7f", dash="dot"), annotation_text="warning 0.8")
+        fig.update_yaxes(range=[0, 1.05])
+    fig.update_layout(
+        title=f"{titles.get(key, key)} vs tokens seen",
+        xaxis_title="tokens",
+        yaxis_title=key,
+        template="plotly_white",
+        legend_title="model · layer",
         width=760,
         height=460,
     )

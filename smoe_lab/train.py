@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -28,6 +29,7 @@ from . import checkpoint, faults
 from .config import ModelConfig, PretrainParams, TrainConfig
 from .data.corpus import resolve_corpus
 from .model import GPT
+from .router_health import HealthMeter, health_row, metered, specialisation_warning
 
 Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # (idx [B, T], targets [B, T], mask [B, T] | None)
 NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")
@@ -43,24 +45,48 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
     return cfg.lr + (cfg.min_lr - cfg.lr) * frac
 
 
-def param_groups(model: torch.nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(
+    model: torch.nn.Module,
+    weight_decay: float,
+    router_lr_mult: float = 1.0,
+    router_weight_decay: float | None = None,
+) -> list[dict[str, Any]]:
     """Weight decay on matrices (embeddings, attention, FFN/expert weights, routers); none on biases and norms.
 
-    Stacked expert biases b_in [E, d_ff] are 2-D but are biases: they are matched by name.
+    Stacked expert biases b_in [E, d_ff] are 2-D but are biases: they are matched by name. With router options
+    (router_lr_mult != 1 or router_weight_decay set) the MoE routers' weights form a third group, "router", whose
+    "lr_scale" multiplies the schedule's learning rate (`set_lr`) and whose weight decay is router_weight_decay
+    (None = weight_decay). With the defaults the groups are exactly the paper's two.
     """
-    decay, no_decay = [], []
+    routers: set[int] = set()
+    if router_lr_mult != 1.0 or router_weight_decay is not None:
+        layers = model.moe_layers() if hasattr(model, "moe_layers") else []
+        routers = {id(m.router.weight) for m in layers}
+    decay, no_decay, router = [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        if id(p) in routers:
+            router.append(p)
+            continue
         is_matrix = p.dim() >= 2 and not name.endswith(NO_DECAY_SUFFIXES)
         (decay if is_matrix else no_decay).append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if router:
+        wd = weight_decay if router_weight_decay is None else router_weight_decay
+        groups.append({"params": router, "weight_decay": wd, "lr_scale": router_lr_mult, "name": "router"})
+    return groups
+
+
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's lr on every group, times the group's "lr_scale" (the router group's multiplier)."""
+    for g in opt.param_groups:
+        g["lr"] = lr * g.get("lr_scale", 1.0)
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    return torch.optim.AdamW(
-        param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=False
-    )
+    groups = param_groups(model, cfg.weight_decay, cfg.router_lr_mult, cfg.router_weight_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=False)
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
@@ -130,13 +156,12 @@ class FitResult:
 
 
 def _telemetry_row(model: GPT) -> dict[str, Any]:
+    """Router health of the last forward pass per MoE layer (smoe_lab.router_health): entropy (nats and / ln E),
+    top-1 gate, largest / smallest expert share, drop fraction."""
     tel = [t for t in model.telemetry() if t is not None]
     if not tel:
         return {}
-    return {
-        "drop_frac": [round(t.dropped_fraction, 5) for t in tel],
-        "router_entropy": [round(t.router_entropy, 4) for t in tel],
-    }
+    return health_row([t.health for t in tel])
 
 
 def fit(
@@ -230,8 +255,7 @@ def fit(
         faults.hit("step")  # test hook: SMOE_LAB_KILL_AT=step:N kills the process here (between steps)
         model.train()
         lr = lr_at(step, cfg)
-        for g in opt.param_groups:
-            g["lr"] = lr
+        set_lr(opt, lr)
         ts = time.perf_counter()
         loss_sum = aux_sum = 0.0
         tokens_per_step = 0
@@ -349,7 +373,9 @@ def pretrain(
 
     def evaluate(m: GPT) -> dict[str, float]:
         batches = iter_eval_batches(val_tokens, train_cfg.micro_batch_size, t, max_batches=train_cfg.eval_batches)
-        return {"val_loss": round(lm_eval_loss(m, batches, device, train_cfg), 6)}
+        meter = HealthMeter()
+        loss = lm_eval_loss(m, metered(batches, m, meter), device, train_cfg)
+        return {"val_loss": round(loss, 6), **health_row(meter.result())}
 
     meta = {
         "kind": "pretrain",
@@ -364,7 +390,17 @@ def pretrain(
     checkpoint.atomic_write_text(out_dir / "run.json", json.dumps(meta, indent=2, default=str))
     desc = f"pretrain {model_cfg.label()}"
     tok = corpus_obj.tokenizer
-    return fit(model, train_cfg, next_batch, out_dir, gen, evaluate, resume, meta, progress, desc, tokenizer=tok)
+    res = fit(model, train_cfg, next_batch, out_dir, gen, evaluate, resume, meta, progress, desc, tokenizer=tok)
+    warn_if_unspecialised(res.eval.get("entropy_ratio") or _telemetry_row(model).get("entropy_ratio"), desc)
+    return res
+
+
+def warn_if_unspecialised(entropy_ratios: list[float] | None, what: str) -> str | None:
+    """Emit (warnings.warn) and return the router-specialisation warning when a layer ends above 0.8 ln E."""
+    msg = specialisation_warning(entropy_ratios or [])
+    if msg:
+        warnings.warn(f"{what}: {msg}", UserWarning, stacklevel=2)
+    return msg
 
 
 def pretrain_key(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus_path: str | Path) -> str:

@@ -15,6 +15,13 @@ from IPython.display import display
 from . import plots
 from .clusters import ClusterExplorer
 from .reduce.methods import METHODS
+from .router_health import RouterHealth, describe, specialisation_warning
+
+
+def health_line(h: RouterHealth) -> str:
+    """The info line's router health (calibration tokens); a warning when the layer's router stayed near uniform."""
+    warn = specialisation_warning([h.entropy_ratio])
+    return describe(h) + (" <b>- routers did not specialise (~1/E of an FFN)</b>" if warn else "")
 
 
 class ExplorerWidget:
@@ -55,7 +62,7 @@ class ExplorerWidget:
         self.info.value = (
             f"<b>layer {layer}</b>: Z={z} -> D={view.D} with <b>{view.method}</b>; centres carry {kept:.1%} of the "
             f"tokens; eigengap {view.eigengap:.3f}; silhouette {view.silhouette:.3f}; "
-            f"largest-gap D = {view.suggested_D}"
+            f"largest-gap D = {view.suggested_D}<br>{health_line(self.explorer.health(layer))}"
         )
         self.out.clear_output(wait=True)
         with self.out:

@@ -68,3 +68,33 @@ def test_per_layer_expert_lists_and_labels():
     assert c.is_moe and c.experts_per_layer == [8, 4] and c.label() == "[8,4]e"
     assert ModelConfig.preset("tiny", num_experts=1).label() == "dense"
     assert ModelConfig.preset("tiny", num_experts=8).label() == "8e"
+
+
+def test_router_options_validate_and_default_to_the_paper():
+    m, t = ModelConfig(), TrainConfig()
+    assert (m.router_init_std, m.router_z_loss_coef, m.router_jitter) == (0.02, 0.0, 0.0)
+    assert (t.router_lr_mult, t.router_weight_decay) == (1.0, None)
+    for kw, field in [
+        ({"router_init_std": 0.0}, "router_init_std"),
+        ({"router_z_loss_coef": -1e-3}, "router_z_loss_coef"),
+        ({"router_jitter": 1.0}, "router_jitter"),
+        ({"router_jitter": 0.01, "moe_impl": "deepspeed"}, "router_jitter.*native-only"),
+        ({"router_z_loss_coef": 1e-3, "moe_impl": "deepspeed"}, "router_z_loss_coef.*native-only"),
+    ]:
+        with pytest.raises(ValueError, match=f"ModelConfig.{field}"):
+            ModelConfig(**kw)
+    for kw in ({"router_lr_mult": 0.0}, {"router_lr_mult": "10"}, {"router_weight_decay": -0.1}):
+        with pytest.raises(ValueError, match=f"TrainConfig.{next(iter(kw))}"):
+            TrainConfig(**kw)
+
+
+def test_router_recipe_of_the_pretraining_notebook():
+    from smoe_lab.notebook_params import PretrainNotebook
+
+    p = PretrainNotebook(router_recipe={"router_lr_mult": 30.0, "router_weight_decay": 0.0, "router_jitter": 0.01})
+    assert p.model_config(8).router_jitter == 0.01 and p.model_config(8).num_experts == 8
+    assert (p.train_config().router_lr_mult, p.train_config().router_weight_decay) == (30.0, 0.0)
+    with pytest.raises(ValueError, match="router_recipe.*unknown option.*router_lr"):
+        PretrainNotebook(router_recipe={"router_lr": 30.0})
+    with pytest.raises(ValueError, match="TrainConfig.router_lr_mult"):
+        PretrainNotebook(router_recipe={"router_lr_mult": -1.0})

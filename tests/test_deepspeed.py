@@ -248,6 +248,20 @@ def test_deepspeed_engine_matches_torch_engine(tmp_path, moe_cfg, zero_stage):
     assert tags == ["global_step3"]
 
 
+def test_deepspeed_engine_honours_router_options(tmp_path, moe_cfg):
+    # router lr multiplier / weight decay (optimizer side, param groups through ZeRO-2) and init std on DeepSpeed-MoE
+    # layers: the same training as the torch engine with native layers
+    opts = dict(router_lr_mult=10.0, router_weight_decay=0.0, weight_decay=0.1)
+    mcfg = moe_cfg.replace(router_init_std=0.05, **NO_DROP)  # DeepSpeed keeps other tokens when capacity binds
+    torch_rows, torch_model = _run("torch", tmp_path / "torch", mcfg, **opts)
+    ds_rows, _ = _run("deepspeed", tmp_path / "ds", mcfg.replace(moe_impl="deepspeed"), zero_stage=2, **opts)
+    _assert_rows_close(ds_rows, torch_rows)
+    saved = checkpoint.load(tmp_path / "ds" / "checkpoint")
+    _assert_states_close(saved.state_dict(), torch_model.state_dict())
+    plain_rows, _ = _run("torch", tmp_path / "plain", mcfg)
+    assert plain_rows[-1]["loss"] != torch_rows[-1]["loss"]  # the options changed the training
+
+
 def test_deepspeed_engine_resume_is_exact(tmp_path, moe_cfg):
     moe_cfg = moe_cfg.replace(moe_impl="deepspeed")  # resume reads DeepSpeed's per-expert files too
     full_rows, full = _run("deepspeed", tmp_path / "full", moe_cfg, max_steps=4, checkpoint_every=2)

@@ -239,3 +239,52 @@ def test_grouped_path_with_frozen_experts_trains_only_the_router():
     layer(x).sum().backward()
     assert layer.router.weight.grad is not None and layer.router.weight.grad.abs().sum() > 0
     assert layer.experts.w_in.grad is None and x.grad is not None
+
+
+# -- router options (docs/routers.md) ------------------------------------------------------------------------------
+def test_router_z_loss_is_st_moe_and_enters_aux_with_its_coefficient(tiny_cfg):
+    from smoe_lab.model import GPT
+    from smoe_lab.moe import router_z_loss
+
+    logits = torch.randn(10, 4)
+    assert torch.allclose(router_z_loss(logits), (torch.logsumexp(logits, 1) ** 2).mean())
+    mask = torch.tensor([True] * 6 + [False] * 4)
+    assert torch.allclose(router_z_loss(logits, mask), (torch.logsumexp(logits[:6], 1) ** 2).mean())
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    plain = GPT(tiny_cfg.replace(num_experts=4), seed=0)
+    _, _, aux0 = plain(idx, idx)
+    assert plain.moe_layers()[0].z_loss is None  # off by default: nothing computed
+    z = GPT(tiny_cfg.replace(num_experts=4, router_z_loss_coef=1e-3), seed=0)
+    _, loss, aux = z(idx, idx)
+    layer = z.moe_layers()[0]
+    assert torch.allclose(aux, aux0 + 1e-3 * layer.z_loss)
+    aux.backward()
+    assert layer.router.weight.grad.abs().sum() > 0
+
+
+def test_router_jitter_perturbs_the_router_input_in_training_only(tiny_cfg):
+    from smoe_lab.model import GPT
+
+    layer = GPT(tiny_cfg.replace(num_experts=4, router_jitter=0.1), seed=0).moe_layers()[0]
+    x = torch.randn(20, tiny_cfg.d_model)
+    layer.eval()
+    logits, _ = layer.route(x)
+    assert torch.equal(logits, layer.router(x))
+    layer.train()
+    torch.manual_seed(3)
+    logits, _ = layer.route(x)
+    torch.manual_seed(3)
+    noise = torch.empty_like(x).uniform_(0.9, 1.1)
+    assert torch.allclose(logits, layer.router(x * noise)) and not torch.allclose(logits, layer.router(x))
+
+
+def test_router_init_std_scales_the_router_draws_only(tiny_cfg):
+    from smoe_lab.model import GPT
+
+    a = GPT(tiny_cfg.replace(num_experts=4), seed=0).state_dict()
+    b = GPT(tiny_cfg.replace(num_experts=4, router_init_std=0.2), seed=0).state_dict()
+    for k in a:
+        if k.endswith("router.weight"):
+            assert torch.allclose(b[k], 10 * a[k])
+        else:
+            assert torch.equal(a[k], b[k]), k

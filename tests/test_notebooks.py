@@ -9,6 +9,7 @@ from smoe_lab import paths
 from smoe_lab.config import load_yaml
 from smoe_lab.notebook_params import NOTEBOOK_PARAMS
 from smoe_lab.pipeline import pipeline_plan, run_pipeline
+from smoe_lab.results import ResultsStore
 
 NOTEBOOKS = sorted(paths.notebooks_dir().glob("*.ipynb"))
 
@@ -119,7 +120,6 @@ def test_ci_pipeline_end_to_end(tmp_path):
     assert len(reduced) == 2 and all(warm[n]["data"] == ["boolq"] for n in reduced)
     assert all(warm[n] is None for n in warm if n not in reduced)
     # the store holds the reported numbers and the selection numbers of every finetuning, under distinct names
-    from smoe_lab.results import ResultsStore
 
     stored = ResultsStore(out / "results.sqlite").rows(stage="stage2")
     assert {"accuracy", "acc_norm", "loss", "dev_accuracy", "dev_loss"} <= set(stored["metric"])
@@ -136,6 +136,11 @@ def test_ci_pipeline_end_to_end(tmp_path):
     mine = stored[stored["method"].eq("uncurl")].set_index("metric")["value"]
     recomputed = ResultsStore(again).rows().set_index("metric")["value"]
     assert len(recomputed) == 6 and all(recomputed[m] == mine[m] for m in recomputed.index)
+    # 01 drew router health; 03 stored the zero-shot readouts (LM loss on val_news, layer reconstruction)
+    assert (out / "figures" / "router_entropy_ratio.png").is_file() and (out / "tables" / "router_health.csv").is_file()
+    readouts = ResultsStore(out / "results.sqlite").rows(stage="zeroshot", task="corpus:val_news")
+    assert {"lm_loss", "recon_routed", "recon_mapped"} <= set(readouts["metric"])
+    assert len(readouts[readouts["metric"] == "recon_mapped"]) == 2  # uncurl and freq_prune, 4e -> 2e
     table = (out / "tables" / "pretrain.csv").read_text().splitlines()
     assert table[0].startswith("model,params,active_params") and len(table) == 3
     # a second run skips every notebook: outputs are up to date

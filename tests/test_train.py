@@ -159,3 +159,40 @@ def test_derived_run_lengths_clamp_the_warmup_with_a_warning(caplog):
 def test_the_compile_switch_that_did_nothing_is_gone():
     with pytest.raises(ValueError, match="unknown field.*compile"):
         TrainConfig.from_dict({"compile": True})
+
+
+def test_router_group_gets_its_lr_multiplier_and_weight_decay(tiny_cfg):
+    from smoe_lab.train import make_optimizer, set_lr
+
+    m = GPT(tiny_cfg.replace(num_experts=4))
+    assert len(param_groups(m, 0.1)) == 2  # the paper's settings: exactly the two groups
+    groups = param_groups(m, 0.1, router_lr_mult=10.0, router_weight_decay=0.0)
+    routers = {id(layer.router.weight) for layer in m.moe_layers()}
+    assert {id(p) for p in groups[2]["params"]} == routers
+    assert groups[2]["weight_decay"] == 0.0 and groups[2]["lr_scale"] == 10.0
+    assert not routers & {id(p) for g in groups[:2] for p in g["params"]}
+    # one AdamW step from zero moments moves each weight by lr * sign(grad): the routers by 10 x lr
+    cfg = TrainConfig(lr=1e-3, weight_decay=0.0, router_lr_mult=10.0, batch_size=2, micro_batch_size=2)
+    opt = make_optimizer(m, cfg)
+    set_lr(opt, 1e-3)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    idx = torch.randint(0, 97, (2, 16), generator=torch.Generator().manual_seed(0))
+    _, loss, aux = m(idx, idx)
+    (loss + aux).backward()
+    opt.step()
+    step = {n: float((p.detach() - before[n]).abs().max()) for n, p in m.named_parameters()}
+    assert step["transformer.h.0.mlp.router.weight"] == pytest.approx(1e-2, rel=1e-3)
+    assert step["transformer.h.0.attn.c_attn.weight"] == pytest.approx(1e-3, rel=1e-3)
+
+
+def test_pretraining_logs_router_health_per_layer(tmp_path, corpus):
+    mcfg = ModelConfig.preset("tiny", num_experts=4, **SMALL)
+    tcfg = TrainConfig(max_steps=2, batch_size=4, micro_batch_size=4, warmup_steps=0, eval_every=2, eval_batches=1)
+    with pytest.warns(UserWarning, match="routers did not specialise"):
+        res = pretrain(mcfg, tcfg, corpus, tmp_path, progress=False)
+    rows = read_metrics(res.metrics)
+    for kind in ("train", "eval"):
+        row = [r for r in rows if r["kind"] == kind][-1]
+        for key in ("entropy_ratio", "top1_gate", "max_share", "min_share", "drop_frac", "router_entropy"):
+            assert len(row[key]) == 1, (kind, key)
+        assert 0.8 < row["entropy_ratio"][0] <= 1.0 and 0.25 <= row["top1_gate"][0] < 0.5

@@ -2,7 +2,8 @@
 
 `train.fit` routes here when TrainConfig.engine == "deepspeed". The loop is the torch engine's, step for step:
 
-- optimiser: the project's torch AdamW (`train.param_groups`: decay on matrices only) with DeepSpeed-MoE expert
+- optimiser: the project's torch AdamW (`train.param_groups`: decay on matrices only; the router group of
+  TrainConfig.router_lr_mult / router_weight_decay, its lr scaled by `train.set_lr`) with DeepSpeed-MoE expert
   parameters split into their own groups (`split_params_into_different_moe_groups_for_optimizer`), handed to
   `deepspeed.initialize` (no DeepSpeed optimizer, so no FusedAdam build); lr set from `train.lr_at` every step;
 - DeepSpeed config (`ds_config`): train_batch_size = batch_size, micro batch per rank = micro_batch_size,
@@ -42,7 +43,7 @@ from tqdm.auto import tqdm
 
 from .. import checkpoint
 from ..config import TrainConfig
-from ..train import Batch, FitResult, MetricsLog, _telemetry_row, lr_at, param_groups, peak_memory_mb
+from ..train import Batch, FitResult, MetricsLog, _telemetry_row, lr_at, param_groups, peak_memory_mb, set_lr
 
 DS_SUFFIX = "_deepspeed"
 
@@ -138,8 +139,9 @@ def ds_config(cfg: TrainConfig, world_size: int, device_type: str) -> dict[str, 
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    """train.make_optimizer's AdamW, with DeepSpeed-MoE expert parameters in their own (moe) groups."""
-    groups = param_groups(model, cfg.weight_decay)
+    """train.make_optimizer's AdamW, with DeepSpeed-MoE expert parameters in their own (moe) groups; the router
+    group of TrainConfig.router_lr_mult / router_weight_decay (the gates' wg, shared by every rank) is kept."""
+    groups = param_groups(model, cfg.weight_decay, cfg.router_lr_mult, cfg.router_weight_decay)
     for name, g in zip(("decay", "no_decay"), groups):
         g["name"] = name
     if any(getattr(p, "allreduce", True) is False for g in groups for p in g["params"]):
@@ -313,8 +315,7 @@ def fit(
     for step in bar:
         engine.train()
         lr = lr_at(step, cfg)
-        for g in engine.optimizer.param_groups:
-            g["lr"] = lr
+        set_lr(engine.optimizer, lr)  # the router group's lr_scale applies (TrainConfig.router_lr_mult)
         ts = time.perf_counter()
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, aux, tokens over ranks and micro-steps
         grad_norm = float("nan")

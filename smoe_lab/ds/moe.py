@@ -178,13 +178,13 @@ class DeepSpeedMoELayer(MoE):
 
     # -- init and forward ------------------------------------------------------------------------------------
     @torch.no_grad()
-    def init_weights_(self, n_layer: int, generator: torch.Generator | None = None) -> None:
+    def init_weights_(self, n_layer: int, generator: torch.Generator | None = None, router_std: float = 0.02) -> None:
         """`smoe_lab.moe.init_moe_` on the full stacked layout (same draws, same order), then this rank's slice.
 
         So GPT(config, seed) holds the same weights with moe_impl native or deepspeed, at any ep_size.
         """
         e, c, f, std = self.num_experts, self.d_model, self.d_ff, 0.02
-        router = torch.empty(e, c).normal_(0.0, std, generator=generator)
+        router = torch.empty(e, c).normal_(0.0, router_std, generator=generator)
         w_in = torch.empty(e, c, f).normal_(0.0, std, generator=generator)
         w_out = torch.empty(e, f, c).normal_(0.0, std / math.sqrt(2 * n_layer), generator=generator)
         self.router.weight.copy_(router)

@@ -17,15 +17,16 @@ and the old -> new expert map.
     random      keep D experts per layer chosen at random (seeded)                           (sanity baseline)
     hybrid      freq_prune on the first MoE layer, uncurl on the others                      (the paper's Sec 6.3)
 
-Router options: reinit (the paper's default: fresh normal(0, 0.02) rows, seeded; train them with router-only
-warm-up), merge (frequency-weighted average of each group's router rows, so the reduced model runs before
-finetuning), keep (the centre's row; for pruning, the surviving rows).
+Router options: reinit (the paper's default: fresh normal(0, 0.02) rows - the model's router_init_std -, seeded;
+train them with router-only warm-up), merge (frequency-weighted average of each group's router rows, so the reduced
+model runs before finetuning), keep (the centre's row; for pruning, the surviving rows).
 """
 
 from __future__ import annotations
 
 import resource
 import time
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +35,8 @@ import numpy as np
 import torch
 
 from ..calibrate import Calibration, calibrate, check_compatible
+from ..router_health import FIELDS as HEALTH_FIELDS
+from ..router_health import RouterHealth, specialisation_warning
 from .align import ExpertWeights, align_pairs, permute_expert
 from .merge import merge_experts, normalize_weights, stack_experts, unstack_experts
 from .similarity import similarity_from_gram
@@ -75,6 +78,7 @@ class LayerReport:
     silhouette: float
     stability: float
     seconds: dict[str, float]
+    health: RouterHealth | None = None  # the base layer's router health on the calibration tokens
 
     def summary(self) -> dict[str, Any]:
         return {
@@ -89,6 +93,7 @@ class LayerReport:
             "eigengap": self.eigengap,
             "silhouette": self.silhouette,
             "stability": self.stability,
+            **{f"router_{k}": round(getattr(self.health, k), 4) for k in HEALTH_FIELDS if self.health is not None},
             **{f"s_{k}": round(v, 4) for k, v in self.seconds.items()},
         }
 
@@ -104,6 +109,7 @@ class ReductionReport:
     peak_rss_mb: float
     calibration: dict[str, Any]
     frequency: str = "selection"  # which per-expert weights the methods used (layer_frequencies)
+    warning: str | None = None  # set when the base model's routers did not specialise (router_health)
 
     def summary(self) -> list[dict[str, Any]]:
         return [lr.summary() for lr in self.layers]
@@ -118,6 +124,7 @@ class ReductionReport:
             "peak_rss_mb": self.peak_rss_mb,
             "calibration": self.calibration,
             "frequency": self.frequency,
+            "warning": self.warning,
             "layers": [
                 {**lr.summary(), "labels": lr.labels.tolist(), "frequencies": lr.frequencies.tolist()}
                 for lr in self.layers
@@ -260,12 +267,14 @@ def merge_groups(
     return out, t1 - t0, time.perf_counter() - t1
 
 
-def _new_router(old_w: torch.Tensor, freq: np.ndarray, plan: LayerPlan, option: str, seed: int) -> torch.Tensor:
-    """Router weight [D, d_model] of the reduced layer."""
+def _new_router(
+    old_w: torch.Tensor, freq: np.ndarray, plan: LayerPlan, option: str, seed: int, std: float = 0.02
+) -> torch.Tensor:
+    """Router weight [D, d_model] of the reduced layer (reinit: normal(0, std), the model's router init rule)."""
     d = len(plan.centres)
     if option == "reinit":
         g = torch.Generator().manual_seed(seed)
-        return torch.empty(d, old_w.shape[1]).normal_(0.0, 0.02, generator=g).to(old_w.dtype)
+        return torch.empty(d, old_w.shape[1]).normal_(0.0, std, generator=g).to(old_w.dtype)
     if option == "keep":
         return old_w[plan.centres].clone()
     rows = []
@@ -402,7 +411,8 @@ def reduce_model(
     reports = []
     for i, (layer, new_layer, plan) in enumerate(zip(layers, new.moe_layers(), plans)):
         experts, t_align, t_merge = merge_groups(layer_experts(layer), freqs[i], plan, workers)
-        r = _new_router(layer.router.weight.detach(), freqs[i], plan, router, seed * 1000 + i)
+        std = getattr(model.config, "router_init_std", 0.02)
+        r = _new_router(layer.router.weight.detach(), freqs[i], plan, router, seed * 1000 + i, std)
         _fill_layer(new_layer, experts, r)
         sil = cluster_silhouette(plan.embedding, plan.labels) if plan.embedding is not None else float("nan")
         gap = eigengap(plan.eigenvalues, len(plan.centres)) if plan.eigenvalues is not None else float("nan")
@@ -424,6 +434,7 @@ def reduce_model(
                 silhouette=sil,
                 stability=stab,
                 seconds={**{"eigen": 0.0, "kmeans": 0.0}, **plan.seconds, "align": t_align, "merge": t_merge},
+                health=cal.layers[i].health,
             )
         )
     for key in ("eigen", "kmeans", "align", "merge"):
@@ -440,5 +451,8 @@ def reduce_model(
         peak_rss_mb=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
         calibration=cal.manifest,
         frequency=frequency,
+        warning=specialisation_warning([r.health.entropy_ratio for r in reports]),
     )
+    if report.warning:
+        warnings.warn(f"reduce_model: the base model's {report.warning}", UserWarning, stacklevel=2)
     return new, report
