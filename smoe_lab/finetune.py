@@ -7,7 +7,8 @@ checkpoints, exact resume, metrics.jsonl). What this module adds:
 - `FinetuneConfig`: validated settings, paper values in `FinetuneConfig.paper()` (Table 8).
 - The data: text-to-text examples encoded without packing (`smoe_lab.data.tasks`), loss on the answer tokens only;
   in stage 1 a fraction `mix_ratio` of micro-batches are pretraining LM windows (against forgetting).
-- `router_warmup`: freeze everything but the MoE routers, train them for a few steps on the task batches, unfreeze.
+- `router_warmup`: freeze everything but the MoE routers, train them for a few steps on the task batches, unfreeze
+  (the same step loop as `fit`; its rows, with the gradient norm and router telemetry, in out_dir/router_warmup.jsonl).
   The paper does this after pruning because the reduced model's routers are re-initialised (appendix A4: "on the
   task data"; `warmup_examples` lets a caller warm up on other data, e.g. the stage-1 instruction mix).
 - The protocol (`smoe_lab.protocol`): a seeded dev split is carved out of the train examples (whole passages or
@@ -26,7 +27,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
@@ -41,8 +41,9 @@ from . import checkpoint
 from .config import TrainConfig, _check_number, _check_positive_int, _fail, _FromDict
 from .data.tasks import Example, TaskBatches, encode_for_training, instruction_mix, load_flan, load_task
 from .evaluate import evaluate_task
+from .loop import Batch, MetricsLog, TorchSteps, make_optimizer, run_steps
 from .protocol import EvalSpec, dev_split
-from .train import Batch, autocast_for, fit, lr_at, make_optimizer
+from .train import fit
 
 log = logging.getLogger("smoe_lab")
 
@@ -285,12 +286,16 @@ def router_warmup(
     steps: int,
     lr: float,
     progress: bool = False,
+    metrics: str | Path | None = None,
 ) -> dict[str, Any]:
     """Train only the MoE routers for `steps` optimizer steps at a constant `lr`, then unfreeze.
 
-    Uses train.py's optimizer (AdamW over requires_grad parameters only, so nothing else moves, not even by weight
-    decay), autocast, accumulation (train_cfg.grad_accum_steps micro-batches per step) and clipping. Returns
-    {"steps", "seconds", "first_loss", "last_loss"}. A non-finite loss raises FloatingPointError.
+    The one step loop (`smoe_lab.loop.run_steps`) with train.py's optimizer (AdamW over requires_grad parameters
+    only, so nothing else moves, not even by weight decay; `lr` is not scaled by router_lr_mult), autocast,
+    accumulation (train_cfg.grad_accum_steps micro-batches per step) and clipping. metrics: a JSONL file for the
+    rows (kind "router_warmup": loss, aux, lr, grad_norm, tokens, router telemetry; every train_cfg.log_every
+    steps, the first and the last). Returns {"steps", "seconds", "first_loss", "last_loss", "grad_norm" (the last
+    step's, before clipping), "metrics"}. A non-finite loss raises FloatingPointError.
     """
     if not model.moe_layers():
         raise ValueError("router warm-up needs an MoE model; this one is dense")
@@ -298,32 +303,34 @@ def router_warmup(
         raise ValueError(f"router warm-up steps must be >= 1, got {steps}")
     cfg = train_cfg.replace(max_steps=steps, lr=lr, min_lr=lr, warmup_steps=0)
     device = next(model.parameters()).device
-    losses, t0 = [], time.perf_counter()
-    from tqdm.auto import tqdm
-
+    log = None if metrics is None else MetricsLog(Path(metrics))
+    seen: list[tuple[float, float]] = []  # (loss, grad norm) of every step
     with only_routers_trainable(model):
         opt = make_optimizer(model, cfg)
-        params = [p for g in opt.param_groups for p in g["params"]]
-        for step in tqdm(range(steps), desc="router warm-up", disable=not progress):
-            model.train()
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
-            step_loss = 0.0
-            for _ in range(cfg.grad_accum_steps):
-                idx, targets, mask = next_batch()
-                mask = None if mask is None else mask.to(device)
-                with autocast_for(device, cfg):
-                    _, loss, aux = model(idx.to(device), targets.to(device), mask=mask)
-                total = (loss + aux) / cfg.grad_accum_steps
-                if not torch.isfinite(total):
-                    raise FloatingPointError(f"non-finite loss in router warm-up step {step}: lower router_warmup_lr")
-                total.backward()
-                step_loss += loss.item() / cfg.grad_accum_steps
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(step_loss)
-    return {"steps": steps, "seconds": time.perf_counter() - t0, "first_loss": losses[0], "last_loss": losses[-1]}
+        for g in opt.param_groups:
+            g.pop("lr_scale", None)  # the warm-up's lr is its own
+        res = run_steps(
+            TorchSteps(model, opt, cfg, device),
+            cfg,
+            next_batch,
+            cfg.grad_accum_steps,
+            log=log,
+            metrics_path=None if log is None else log.path,
+            progress=progress,
+            desc="router warm-up",
+            kind="router_warmup",
+            fault_point=None,
+            on_step=lambda step, loss, grad_norm: seen.append((loss, grad_norm)),
+            on_nan=lambda step, lm, aux: f"non-finite loss in router warm-up step {step}: lower router_warmup_lr",
+        )
+    return {
+        "steps": steps,
+        "seconds": res.seconds,
+        "first_loss": seen[0][0],
+        "last_loss": seen[-1][0],
+        "grad_norm": round(seen[-1][1], 5),
+        "metrics": res.metrics,
+    }
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -480,7 +487,15 @@ def finetune(
         warm_batches = TaskBatches(
             warm_enc, cfg.micro_batch_size, torch.Generator().manual_seed(cfg.seed + 1), tok.eot_id
         )
-        warm = router_warmup(model, warm_batches, tcfg, cfg.router_warmup_steps, cfg.router_warmup_lr, progress)
+        warm = router_warmup(
+            model,
+            warm_batches,
+            tcfg,
+            cfg.router_warmup_steps,
+            cfg.router_warmup_lr,
+            progress,
+            metrics=out_dir / "router_warmup.jsonl",
+        )
         warm["data"] = sorted({e.task for e in warm_on})
     if warm is not None:
         run_meta["router_warmup"] = warm
