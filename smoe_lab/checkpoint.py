@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from . import hf
 from .atomic import (  # noqa: F401  (checkpoint.atomic_dir, atomic_write_text, recover stay public here)
     atomic_dir,
     atomic_write_text,
@@ -35,6 +36,9 @@ from .atomic import (  # noqa: F401  (checkpoint.atomic_dir, atomic_write_text, 
     recover,
 )
 from .config import ModelConfig
+from .data.tokenizer import load_tokenizer as _load
+from .hf.source import is_hf_source
+from .model import GPT
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -63,8 +67,6 @@ def save(
     With a tokenizer the checkpoint is self-contained: `load_tokenizer(path)` needs nothing else.
     """
     if getattr(model, "hf_family", None) is not None:  # a Hugging Face model: a transformers folder
-        from . import hf
-
         return hf.save(model, path, tokenizer=tokenizer, train_state=train_state, **meta)
     path = Path(path)
     with atomic_dir(path) as tmp:
@@ -79,16 +81,12 @@ def save(
 
 
 def _hf(path) -> bool:
-    from .hf.source import is_hf_source
-
     return is_hf_source(path)
 
 
 def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     """(config, meta) of a checkpoint folder; for an HF folder or hub id (smoe_lab.hf.HFConfig, meta)."""
     if _hf(path):
-        from . import hf
-
         return hf.read_config(path)
     path = Path(path)
     recover(path)
@@ -129,11 +127,7 @@ def load_weights_into(model: torch.nn.Module, state: dict[str, torch.Tensor], so
 
 def load(path: str | Path, device: str | torch.device = "cpu"):
     """Load a checkpoint folder into a new GPT model (eval mode); an HF folder or hub id into smoe_lab.hf's adapter."""
-    from .model import GPT
-
     if _hf(path):
-        from . import hf
-
         return hf.load(path, device=device)
 
     path = Path(path)
@@ -155,11 +149,7 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
 def load_tokenizer(path: str | Path):
     """The tokenizer saved with a checkpoint (or, for older checkpoints, the one of the corpus it was trained on);
     for an HF folder or hub id the model's own tokenizer."""
-    from .data.tokenizer import load_tokenizer as _load
-
     if _hf(path):
-        from . import hf
-
         return hf.load_tokenizer(path)
 
     path = Path(path)
@@ -202,8 +192,6 @@ def load_train_state(path: str | Path) -> dict[str, Any] | None:
 def checkpoint_hash(path: str | Path) -> str:
     """sha256 of the weights file: identifies the exact model a calibration artifact was made from."""
     if _hf(path):
-        from . import hf
-
         return hf.checkpoint_hash(path)
     path = Path(path)
     recover(path)

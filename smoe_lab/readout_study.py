@@ -17,6 +17,7 @@ from typing import Any
 import pandas as pd
 
 from . import checkpoint
+from .data.corpus import resolve_corpus
 from .experiments import (
     calibration_artifact,
     calibration_batches_for,
@@ -27,7 +28,6 @@ from .experiments import (
 )
 from .readouts import domain_lm_loss, layer_reconstruction
 from .results import checkpoint_identity, config_hash
-from .train import resolve_corpus
 
 STAGE = "zeroshot"
 

@@ -24,8 +24,10 @@ from typing import Any
 import torch
 
 from . import checkpoint
+from .cachekey import corpus_hash, key
 from .config import ModelConfig, PretrainParams, TrainConfig
-from .data.corpus import resolve_corpus
+from .data.corpus import get_batch, iter_eval_batches, resolve_corpus
+from .data.plan import PlanLoader, SamplePlan
 from .loop import (  # noqa: F401  (the loop's pieces stay importable from smoe_lab.train)
     NO_DECAY_SUFFIXES,
     Batch,
@@ -184,8 +186,6 @@ def pretrain(
     progress: bool = True,
 ) -> FitResult:
     """Pretrain a GPT (dense or SMoE) on a prepared corpus; checkpoint + metrics.jsonl go to out_dir."""
-    from .data.corpus import get_batch, iter_eval_batches
-
     corpus_obj = resolve_corpus(corpus)
     if corpus_obj.tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(
@@ -204,8 +204,6 @@ def pretrain(
     t = model_cfg.block_size
 
     if corpus_obj.is_sharded:  # a `smoe-lab data build` corpus: its deterministic sample plan, resumed by count
-        from .data.plan import PlanLoader, SamplePlan
-
         next_batch = PlanLoader(SamplePlan.from_corpus(corpus_obj, t, seed=train_cfg.seed), train_cfg.micro_batch_size)
     else:
         train_tokens = corpus_obj.split("train")
@@ -248,8 +246,6 @@ def warn_if_unspecialised(entropy_ratios: list[float] | None, what: str) -> str 
 
 def pretrain_key(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus_path: str | Path) -> str:
     """Cache key of a pretraining run: package source, model and train configs, the corpus's content."""
-    from .cachekey import corpus_hash, key
-
     return key("pretrain", model=model_cfg.to_dict(), train=train_cfg.to_dict(), corpus=corpus_hash(corpus_path))
 
 

@@ -44,6 +44,7 @@ import torch
 from .. import checkpoint
 from ..config import TrainConfig
 from ..loop import Batch, FitResult, MetricsLog, Steps, param_groups, run_steps, set_lr
+from .convert import StateModel, gather_native_state, native_config
 
 DS_SUFFIX = "_deepspeed"
 
@@ -276,8 +277,6 @@ def fit(
 ) -> FitResult:
     """`train.fit` on the DeepSpeed engine (same arguments, same files, same result; see the module docstring)."""
     import deepspeed
-
-    from .convert import StateModel, gather_native_state, native_config
 
     device = local_device(cfg)
     rank, world = rank_and_world()

@@ -12,12 +12,11 @@ import pandas as pd
 from .. import cachekey
 from ..calibrate import Calibration, calibrate
 from ..checkpoint import checkpoint_hash, load, load_tokenizer, read_config
-from ..data.corpus import iter_eval_batches
+from ..data.corpus import iter_eval_batches, resolve_corpus
 from ..data.tasks import calibration_batches, load_task
 from ..hf.source import checkpoint_name as _name
 from ..hf.source import is_hf_source, resolve
 from ..readouts import domain_calibration_batches
-from ..train import resolve_corpus
 
 
 # -- 02: calibration + clusters ------------------------------------------------------------------------------------

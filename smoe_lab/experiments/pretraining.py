@@ -10,9 +10,11 @@ from typing import Any
 import pandas as pd
 
 from .. import checkpoint
+from ..data.corpus import resolve_corpus
+from ..loop import read_metrics
 from ..notebook_params import PretrainNotebook
 from ..router_health import last_health, specialisation_warning
-from ..train import pretrain, pretrain_key, read_metrics, resolve_corpus
+from ..train import pretrain, pretrain_key
 
 
 def variant_label(num_experts: int) -> str:

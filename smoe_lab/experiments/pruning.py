@@ -11,12 +11,12 @@ from typing import Any
 import pandas as pd
 
 from .. import cachekey, checkpoint
+from ..data.corpus import resolve_corpus
 from ..evaluate import chance_baseline, majority_baseline
 from ..finetune import INSTRUCTIONS, FinetuneConfig, data_spec, finetune, store_rows, task_data
 from ..protocol import dev_split
 from ..reduce.methods import reduce_model
 from ..results import ResultsStore, checkpoint_identity
-from ..train import resolve_corpus
 from .calibration import calibration_artifact, checkpoint_name, find_checkpoint, reference_checkpoints
 
 
