@@ -28,6 +28,8 @@ from .cachekey import corpus_hash, key
 from .config import ModelConfig, PretrainParams, TrainConfig
 from .data.corpus import get_batch, iter_eval_batches, resolve_corpus
 from .data.plan import PlanLoader, SamplePlan
+from .ds.engine import fit as deepspeed_fit
+from .ds.engine import local_device
 from .loop import (  # noqa: F401  (the loop's pieces stay importable from smoe_lab.train)
     NO_DECAY_SUFFIXES,
     Batch,
@@ -52,8 +54,6 @@ _telemetry_row = telemetry_row  # the old private name
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
     if cfg.engine == "deepspeed":  # joins the launcher's process group; this rank's GPU (cuda:LOCAL_RANK) or cpu
-        from .ds.engine import local_device  # the optional subpackage (needs deepspeed)
-
         return local_device(cfg)
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -89,8 +89,6 @@ def fit(
     """
     cfg.check_schedule()
     if cfg.engine == "deepspeed":
-        from .ds.engine import fit as deepspeed_fit  # the optional subpackage (needs deepspeed)
-
         return deepspeed_fit(
             model,
             cfg,

@@ -54,10 +54,11 @@ LAYERS: list[tuple[str, list[str]]] = [
 ]
 
 # Function-local imports of smoe_lab's own modules are allowed only for:
-# - the optional DeepSpeed subpackage (smoe_lab.ds.moe / ds.engine import deepspeed when they are imported);
+# - smoe_lab.ds.moe, which imports the optional deepspeed package when it is imported (model.py builds its layers
+#   only for moe_impl: deepspeed, ds/convert.py only when converting to them);
 # - the command line (the top layer: nothing imports it, so it cannot close a cycle): a command imports what it
 #   runs, so that `smoe-lab --help` and an argument error answer at once instead of after importing the library.
-LAZY_OK_TARGETS = ("smoe_lab.ds.moe", "smoe_lab.ds.engine")
+LAZY_OK_TARGETS = ("smoe_lab.ds.moe",)
 LAZY_OK_MODULES = ("smoe_lab.cli",)
 
 
