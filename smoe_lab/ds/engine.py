@@ -24,7 +24,8 @@ resume and checkpoint writing around it:
   (every rank writes its shards: ZeRO-partitioned optimizer state, per-expert files) for exact resume; only the
   newest tag is kept. out_dir must be on a file system every node sees.
 - evaluate(model) runs on every rank (expert parallel layers need all ranks in their all-to-all); on_eval and
-  the progress bar run on rank 0.
+  the progress bar run on rank 0. As in the torch engine, a step's evaluation runs before its checkpoint is
+  written (the loop's order), so a checkpoint at step k means step k was evaluated.
 
 One process without a launcher is a world of size 1 (MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE / LOCAL_RANK
 default to a local one-process group): that is how the CPU tests run it, with the gloo backend.
