@@ -44,6 +44,7 @@ from tqdm.auto import tqdm
 from .. import checkpoint
 from ..config import TrainConfig
 from ..train import Batch, FitResult, MetricsLog, _telemetry_row, lr_at, param_groups, peak_memory_mb, set_lr
+from . import jit
 
 DS_SUFFIX = "_deepspeed"
 
@@ -68,6 +69,7 @@ def init_distributed() -> None:
 
     if torch.distributed.is_initialized():
         return
+    jit.prepare()  # its own JIT build folder, no stale build lock (a hang for ever otherwise), ninja on PATH
     if "RANK" not in os.environ:  # not launched by `deepspeed` / torchrun: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
