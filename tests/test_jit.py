@@ -8,8 +8,8 @@ import pytest
 from smoe_lab.ds import jit
 
 
-def _lock(root, op="deepspeed_shm_comm", age_s=0.0):
-    folder = root / "py311_cpu" / op
+def _lock(root, op="deepspeed_shm_comm", age_s=0.0, sub="py311_cpu"):
+    folder = root / sub / op if sub else root / op
     folder.mkdir(parents=True)
     lock = folder / "lock"
     lock.touch()
@@ -21,9 +21,10 @@ def _lock(root, op="deepspeed_shm_comm", age_s=0.0):
 def test_stale_lock_is_removed_and_a_live_one_kept(tmp_path):
     stale = _lock(tmp_path, age_s=jit.STALE_LOCK_S + 60)
     live = _lock(tmp_path, op="other_op", age_s=5)
+    flat = _lock(tmp_path, op="flat_op", age_s=jit.STALE_LOCK_S + 60, sub="")  # TORCH_EXTENSIONS_DIR/<op>/lock
     with pytest.warns(UserWarning, match="stale JIT build lock"):
         removed = jit.clear_stale_locks(tmp_path)
-    assert removed == [stale] and not stale.exists() and live.exists()
+    assert sorted(removed) == sorted([stale, flat]) and not stale.exists() and not flat.exists() and live.exists()
     assert (stale.parent).is_dir()  # only the lock goes: the build folder (and a finished .so) stays
 
 

@@ -48,10 +48,11 @@ def default_root() -> Path:
 
 
 def clear_stale_locks(root: Path, max_age_s: float = STALE_LOCK_S, now: float | None = None) -> list[Path]:
-    """Remove `lock` files of op build folders (root/<python>_<device>/<op>/lock) older than max_age_s; returns them."""
+    """Remove `lock` files of op build folders older than max_age_s; returns them. The folders are root/<op> under
+    TORCH_EXTENSIONS_DIR and root/<python>_<device>/<op> under torch's default root."""
     now = time.time() if now is None else now
     removed = []
-    for lock in sorted(root.glob("*/*/lock")):
+    for lock in sorted([*root.glob("*/lock"), *root.glob("*/*/lock")]):
         try:
             age = now - lock.stat().st_mtime
         except FileNotFoundError:  # a build finished meanwhile
