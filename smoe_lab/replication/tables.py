@@ -296,8 +296,9 @@ def _kinds(frame: pd.DataFrame, p) -> list[str]:
 
 
 def readout_loss_table(df: pd.DataFrame, p) -> pd.DataFrame:
-    """Zero-shot domain LM loss minus the unreduced base's, paired by seed (mean ± sd over seeds), per (domain, D):
-    the scratch model with D experts and every reduction base -> D; also the unreduced base's own LM loss."""
+    """Zero-shot domain LM loss minus the unreduced base's, paired by seed (mean ± sd over seeds), per (domain, target
+    D): the scratch model with D experts ("scratch D") and every reduction base -> D; also the unreduced base's own LM
+    loss and, as the last row of a domain (D = 1), the dense model's."""
     base = max(p.variants)
     lm = readout_frame(df, base, "lm_loss")
     rows = []
@@ -308,7 +309,10 @@ def readout_loss_table(df: pd.DataFrame, p) -> pd.DataFrame:
         if base not in t.index.get_level_values("d") or "scratch" not in t.columns:
             continue
         ref = t.xs(base, level="d")["scratch"]  # per seed
-        ds = sorted({d for d in t.index.get_level_values("d") if d != base}, reverse=True)
+        have = set(t.index.get_level_values("d"))
+        ds = [d for d in sorted(p.targets, reverse=True) if d in have] + (
+            [1] if 1 in have and 1 not in p.targets else []
+        )
         for d in ds:
             cell = t.xs(d, level="d")
             row: dict[str, Any] = {
@@ -319,8 +323,7 @@ def readout_loss_table(df: pd.DataFrame, p) -> pd.DataFrame:
             for kind in _kinds(t, p):
                 if kind in cell.columns:
                     diff = (cell[kind] - ref.reindex(cell.index)).dropna()
-                    name = f"scratch {label(int(d))}" if kind == "scratch" else kind
-                    row[name] = _ms(diff.values, signed=True)
+                    row["scratch D" if kind == "scratch" else kind] = _ms(diff.values, signed=True)
             rows.append(row)
     return pd.DataFrame(rows)
 
