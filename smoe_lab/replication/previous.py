@@ -17,6 +17,9 @@ from .stats import INCONCLUSIVE, NOT_SUPPORTED
 PREVIOUS_COMMIT = "681dfeb"
 PREVIOUS_VARIANTS = [1, 4, 8, 32]
 PREVIOUS_TASKS = ["boolq", "cloze-news", "cloze-biomed"]
+PREVIOUS_FLOOR_DROPPED = ["boolq"]  # the tasks the floor rule left out of the first verdicts
+PREVIOUS_TOKENS = 1_200_000
+PREVIOUS_SEEDS = 3
 PREVIOUS_ENTROPY_RATIO = 0.98  # router entropy / ln E of the 32e models at the end of pretraining (docs/routers.md)
 PREVIOUS_SETUP = (
     "the paper's router settings (routers near uniform: entropy ~0.98 ln E at 32e, so each MoE layer contributed "

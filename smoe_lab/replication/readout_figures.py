@@ -71,8 +71,7 @@ def figure_reconstruction(df, domain: str, p):
     fig.add_hline(y=1, line=dict(dash="dot", color="#bbbbbb"), annotation_text="1 = as far off as dropping the layer")
     return plots.white_layout(
         fig,
-        f"{domain}: output reconstruction error of the reduced MoE layers on the calibration tokens "
-        "(mean over layers, ± sd over seeds)",
+        f"{domain}: reconstruction error of the reduced MoE layers (mean over layers, ± sd over seeds)",
         860,
         460,
         xaxis=plots.experts_axis("experts per MoE layer after reduction (D)", sorted(set(p.targets))),

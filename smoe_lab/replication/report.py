@@ -16,7 +16,15 @@ from ..finetune import FinetuneConfig
 from .claims import FLOOR_MARGIN, READOUT_LABEL, Claim, Part, evaluate_claims, learnable_tasks, threshold_factors
 from .diagnosis import diagnose_a, diagnose_task
 from .figures import figure_budget, figure_claims, figure_pretrain, figure_protocols, figure_task, save_png
-from .previous import PREVIOUS_ENTROPY_RATIO, PREVIOUS_TASKS, PREVIOUS_VARIANTS, changed_paragraph
+from .previous import (
+    PREVIOUS_ENTROPY_RATIO,
+    PREVIOUS_FLOOR_DROPPED,
+    PREVIOUS_SEEDS,
+    PREVIOUS_TASKS,
+    PREVIOUS_TOKENS,
+    PREVIOUS_VARIANTS,
+    changed_paragraph,
+)
 from .readout_figures import figure_readout_loss, figure_reconstruction, figure_router_health
 from .stats import NOT_SUPPORTED, SUPPORTED, combine, seeds_needed
 from .study import health_frame, label, load_store, pretrain_frame, readout_domains, report_path
@@ -196,9 +204,9 @@ def _verdicts_section(s: _Study) -> list[str]:
     )
     if s.dropped:
         rule += (
-            f"Here the rule drops {', '.join(s.dropped)}. The rule was added after the first pass over this run's "
-            "results showed that no model learns it (each finetuned model settles on one answer, so its accuracy "
-            "jumps between the two label shares); the pre-specified verdicts over every task are the last column.\n"
+            f"Here the rule drops {', '.join(s.dropped)}. The rule was added after the first pass over the first "
+            "study's results showed that no model learned BoolQ (each finetuned model settled on one answer, so its "
+            "accuracy jumped between the two label shares); the verdicts over every task are the last column.\n"
         )
     else:
         rule += "Here every task clears its floor.\n"
@@ -353,12 +361,15 @@ def _differences(s: _Study, key: str) -> list[str]:
     if sorted(p.variants) != PREVIOUS_VARIANTS:
         old = ", ".join(label(v) for v in PREVIOUS_VARIANTS)
         out.append(f"variants {', '.join(label(v) for v in sorted(p.variants))} (first: {old})")
+    if p.tokens != PREVIOUS_TOKENS:
+        out.append(f"{p.tokens:,} pretraining tokens per model (first: {PREVIOUS_TOKENS:,})")
+    if len(p.seeds) != PREVIOUS_SEEDS:
+        out.append(f"{len(p.seeds)} seeds (first: {PREVIOUS_SEEDS})")
     if key != "a" and list(p.tasks) != PREVIOUS_TASKS:
-        gone = [t for t in PREVIOUS_TASKS if t not in p.tasks]
+        dropped = ", ".join(PREVIOUS_FLOOR_DROPPED)
         out.append(
-            f"tasks {', '.join(p.tasks)} (first: {', '.join(PREVIOUS_TASKS)}"
-            + (f"; {', '.join(gone)} had been left out of the first verdicts by the floor rule" if gone else "")
-            + ")"
+            f"tasks {', '.join(p.tasks)} (first: {', '.join(PREVIOUS_TASKS)}, with {dropped} left out of the first "
+            "verdicts by the floor rule)"
         )
     if key == "a":
         gaps = protocol_gaps(pretrain_frame(s.df), p)
