@@ -45,6 +45,7 @@ import torch
 from .. import checkpoint
 from ..config import TrainConfig
 from ..loop import Batch, FitResult, MetricsLog, Steps, param_groups, run_steps, set_lr
+from . import jit
 from .convert import StateModel, gather_native_state, native_config
 
 DS_SUFFIX = "_deepspeed"
@@ -70,6 +71,7 @@ def init_distributed() -> None:
 
     if torch.distributed.is_initialized():
         return
+    jit.prepare()  # its own JIT build folder, no stale build lock (a hang for ever otherwise), ninja on PATH
     if "RANK" not in os.environ:  # not launched by `deepspeed` / torchrun: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
