@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import MODEL_PRESETS, ModelConfig, TrainConfig, _FromDict, load_yaml
+from .finetune import FinetuneConfig
+from .inference.ep_profile import ProfileConfig
 from .paths import resolve_out_dir
+from .reduce.methods import METHODS, ROUTER_OPTIONS
 
 WARMUP_DATA = ("task", "instructions")
 log = logging.getLogger("smoe_lab")
@@ -196,7 +199,6 @@ class ClustersNotebook(NotebookParams):
 
     def __post_init__(self) -> None:
         self._check_types()
-        from .reduce.methods import METHODS
 
         nb = self.NOTEBOOK
         self.out_dir = str(resolve_out_dir(self.out_dir))
@@ -252,8 +254,6 @@ class PruningNotebook(NotebookParams):
 
     def __post_init__(self) -> None:
         self._check_types()
-        from .finetune import FinetuneConfig
-        from .reduce.methods import METHODS, ROUTER_OPTIONS
 
         nb = self.NOTEBOOK
         self.out_dir = str(resolve_out_dir(self.out_dir))
@@ -341,7 +341,6 @@ class ResultsNotebook(NotebookParams):
                 self.profile_config().replace(ranks=list(self.ep_scaling_ranks))
             except ValueError as e:
                 _err(nb, "ep_scaling_ranks", str(e))
-        from .reduce.methods import METHODS
 
         bad = [m for m in self.payoff_methods if m not in METHODS]
         if bad:
@@ -349,8 +348,6 @@ class ResultsNotebook(NotebookParams):
 
     def profile_config(self):
         """The validated smoe_lab.inference.ep_profile.ProfileConfig of `ep_profile`."""
-        from .inference.ep_profile import ProfileConfig
-
         if not isinstance(self.ep_profile, dict):
             _err(self.NOTEBOOK, "ep_profile", f"must be a mapping of ProfileConfig fields, got {self.ep_profile!r}")
         try:

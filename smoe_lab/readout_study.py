@@ -18,6 +18,7 @@ from typing import Any
 import pandas as pd
 
 from . import cachekey, checkpoint
+from .data.corpus import resolve_corpus
 from .experiments import (
     calibration_artifact,
     calibration_batches_for,
@@ -28,7 +29,6 @@ from .experiments import (
 )
 from .readouts import domain_lm_loss, layer_reconstruction
 from .results import checkpoint_identity
-from .train import resolve_corpus
 
 STAGE = "zeroshot"
 

@@ -17,6 +17,8 @@ import pandas as pd
 
 from .. import checkpoint
 from ..experiments import pretrain_dir, pretrained_variants, summarize_run
+from ..model import GPT
+from ..results import ResultsStore
 from .ep_profile import ProfileConfig, checkpoint_models, read_layers, run_profile
 from .scaling import S_BASE, dense_equivalent_table
 
@@ -63,7 +65,6 @@ def _accuracy(out_dir: Path) -> pd.DataFrame:
     path = out_dir / "results.sqlite"
     if not path.is_file():
         return pd.DataFrame()
-    from ..results import ResultsStore
 
     df = ResultsStore(path).rows(metric="accuracy")
     if df.empty:
@@ -133,8 +134,6 @@ def dense_equivalents(variants: pd.DataFrame, fit=S_BASE) -> pd.DataFrame:
 def _backbone_params(ckpt: Path) -> int:
     """Non-embedding parameters of the dense backbone a checkpoint's config implies (one expert per MoE layer)."""
     import torch
-
-    from ..model import GPT
 
     cfg, _ = checkpoint.read_config(ckpt)
     with torch.device("meta"):  # shapes only: no memory, no init cost, at any size

@@ -17,7 +17,15 @@ from typing import Any
 import pandas as pd
 
 from .stats import INCONCLUSIVE, NOT_SUPPORTED, Estimate, combine, verdict
-from .study import label, pretrain_frame, protocols, readout_frame, task_frame
+from .study import (  # noqa: F401  (threshold_* re-exported)
+    label,
+    pretrain_frame,
+    protocols,
+    readout_frame,
+    task_frame,
+    threshold_factors,
+    threshold_keep,
+)
 from .tables import floors_table
 
 FLOOR_MARGIN = 2.0  # accuracy points a task's best model must clear its majority class by to count (floor rule)
@@ -277,24 +285,6 @@ def _claim_a(df: pd.DataFrame, p) -> Claim:
         "" if len(parts) == len(pairs) else "Some pretrained variant has no loss in the store.",
         SETTLE["a"],
     )
-
-
-def threshold_keep(base: int) -> int:
-    """The largest reduction factor Z/D that keeps UNCURL's advantage over scratch in the paper: 4 for Z <= 32
-    (32e -> 8e fine, 32e -> 4e not), 2 beyond (128e: beyond 2x worse)."""
-    return 4 if base <= 32 else 2
-
-
-def threshold_factors(p) -> list[dict[str, Any]]:
-    """Claim (d)'s factors: one entry per target D (largest first): factor Z/D, the side of the paper's threshold
-    ("keeps" / "loses") and whether a scratch model with D experts exists (else the factor is untested)."""
-    base = max(p.variants)
-    keep = threshold_keep(base)
-    out = []
-    for d in sorted(p.targets, reverse=True):
-        f = base / d
-        out.append({"d": d, "factor": f, "side": "keeps" if f <= keep else "loses", "tested": d in p.variants})
-    return out
 
 
 def _claim_d(acc: pd.DataFrame, loss: pd.DataFrame, lm: pd.DataFrame, p) -> Claim:

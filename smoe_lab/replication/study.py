@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -148,3 +149,21 @@ def reconstruction_layers(df: pd.DataFrame, base: int) -> pd.DataFrame:
                 dict(domain=domain, method=x.method, d=int(x.d), seed=int(x.seed), layer=layer, routed=a, mapped=b)
             )
     return pd.DataFrame(rows, columns=["domain", "method", "d", "seed", "layer", "routed", "mapped"])
+
+
+def threshold_keep(base: int) -> int:
+    """The largest reduction factor Z/D that keeps UNCURL's advantage over scratch in the paper: 4 for Z <= 32
+    (32e -> 8e fine, 32e -> 4e not), 2 beyond (128e: beyond 2x worse)."""
+    return 4 if base <= 32 else 2
+
+
+def threshold_factors(p) -> list[dict[str, Any]]:
+    """Claim (d)'s factors: one entry per target D (largest first): factor Z/D, the side of the paper's threshold
+    ("keeps" / "loses") and whether a scratch model with D experts exists (else the factor is untested)."""
+    base = max(p.variants)
+    keep = threshold_keep(base)
+    out = []
+    for d in sorted(p.targets, reverse=True):
+        f = base / d
+        out.append({"d": d, "factor": f, "side": "keeps" if f <= keep else "loses", "tested": d in p.variants})
+    return out

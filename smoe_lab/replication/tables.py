@@ -24,6 +24,7 @@ from .study import (
     readout_frame,
     reconstruction_layers,
     task_frame,
+    threshold_factors,
 )
 
 
@@ -348,8 +349,6 @@ def readout_recon_table(df: pd.DataFrame, p, kind: str = "mapped") -> pd.DataFra
 def threshold_table(claim_d, p) -> pd.DataFrame:
     """Claim (d) per factor: the side of the paper's threshold, the finetuned accuracy, finetuned loss and zero-shot
     LM-loss readouts (oriented differences mean ± sd, with their verdicts); untested factors say why."""
-    from .claims import threshold_factors
-
     by = {kind: {x.name: x for x in parts} for kind, parts in (("acc", claim_d.parts), ("loss", claim_d.secondary))}
     by["readout"] = {x.name: x for x in claim_d.readout}
     base = max(p.variants)
