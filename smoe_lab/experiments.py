@@ -18,6 +18,8 @@ import pandas as pd
 
 from . import cachekey, checkpoint
 from .notebook_params import PretrainNotebook
+from .progress import report as progress_report
+from .progress import stage as progress_stage
 from .readouts import domain_calibration_batches
 from .router_health import last_health, specialisation_warning
 from .train import pretrain, pretrain_key, read_metrics, resolve_corpus
@@ -61,9 +63,11 @@ def pretrain_variants(p: PretrainNotebook) -> pd.DataFrame:
         run_dir = Path(p.out_dir) / "pretrain" / f"{variant_label(e)}-s{p.seed}"
         if _finished(run_dir, model_cfg, train_cfg, p.corpus):
             print(f"{variant_label(e)}: up to date ({run_dir})")
+            progress_report(f"pretrain {variant_label(e)}: up to date")
         else:
             resume = _partial(run_dir, model_cfg, train_cfg, p.corpus)
-            pretrain(model_cfg, train_cfg, p.corpus, run_dir, resume=resume, progress=p.progress)
+            with progress_stage(f"pretrain {variant_label(e)} ({train_cfg.max_steps} steps)"):
+                pretrain(model_cfg, train_cfg, p.corpus, run_dir, resume=resume, progress=p.progress)
         rows.append(summarize_run(run_dir))
     table = pd.DataFrame(rows)
     return table
@@ -255,6 +259,7 @@ def calibration_artifact(
         if cal is not None and cal.manifest.get("cache_key") == key:
             return cal, path
     model = load(ckpt)
+    progress_report(f"calibrate {checkpoint_name(ckpt)} on {source}/{split}")
     cal = calibrate(
         model,
         batches,
@@ -334,6 +339,7 @@ def reduced_checkpoint(
     if done and (dest / "config.json").is_file():
         return dest, done["report"]
     model = checkpoint.load(base_ckpt)
+    progress_report(f"reduce {method} -> D={d}")
     new, report = reduce_model(model, method, d, cal, seed=seed, router=router, workers=workers)
     _, meta = checkpoint.read_config(base_ckpt)
     report_doc = report.to_dict()
@@ -385,6 +391,7 @@ def finetune_and_record(
         return done["row"]
     model = checkpoint.load(ckpt)
     tok = checkpoint.load_tokenizer(ckpt)
+    progress_report(f"finetune {name} on {task} ({cfg.stage})")
     res = finetune(
         model,
         tok,

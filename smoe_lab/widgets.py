@@ -71,6 +71,8 @@ class ExplorerWidget:
         self.layout = w.ToggleButtons(
             options=[(LAYOUT_LABELS[k], k) for k in LAYOUTS], value=layout or explorer.layout, description="t-SNE"
         )
+        self.method.add_class("smoe-method")
+        self.layout.add_class("smoe-layout")
         self.info = w.HTML()
         self.outs = {name: w.Output() for name in FIGURES}
         self.figures: dict[str, Any] = {}
