@@ -414,6 +414,8 @@ def finetune_and_record(
         "loss": res.loss,
         "dev_accuracy": res.dev_accuracy,
         "dev_loss": res.dev_loss,
+        "n_eval": res.n_report,  # validation examples behind accuracy (its Wilson interval in the figures)
+        "top_pred_share": res.top_pred_share,  # 1.0: the model gives one answer to every example
         "best_step": res.best_step,
         "steps": res.steps,
         "seconds": round(res.seconds, 2),
