@@ -625,8 +625,9 @@ def inference_profile(
         if layers:
             g = torch.Generator().manual_seed(seed)
             x = torch.randn(lat["batch_size"] * lat["seq_len"], model.config.d_model, generator=g)
-            parts = moe_layer_breakdown(layers[0], x, reps)
-            row.update({f"moe_{k}_ms": round(t, 4) for k, t in parts.items()})
+            parts = moe_layer_breakdown(layers[0], x, reps, spread=True)
+            for k in [k for k in parts if not k.endswith(("_q25", "_q75"))]:  # median, then its quartiles
+                row.update({f"moe_{k}_ms{q}": round(parts[k + q], 4) for q in ("", "_q25", "_q75")})
         rows.append(row)
     return pd.DataFrame(rows)
 

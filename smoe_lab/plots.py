@@ -112,8 +112,12 @@ def forest_plot(
     return white_layout(fig, title, width, height, margin=dict(l=label_margin), font=dict(size=11))
 
 
-def loss_curves(curves: dict[str, list[dict[str, Any]]], kind: str = "train", key: str = "loss") -> go.Figure:
-    """The paper's Fig 6: loss vs tokens seen, one line per model. curves: label -> metrics.jsonl rows."""
+def loss_curves(
+    curves: dict[str, list[dict[str, Any]]], kind: str = "train", key: str = "loss", data: str = ""
+) -> go.Figure:
+    """The paper's Fig 6: LM loss vs tokens seen, one line per model. curves: label -> metrics.jsonl rows. The
+    logged "loss" / "val_loss" are the LM cross-entropy alone (the load-balancing aux loss is logged apart).
+    data: what the curves were measured on, for the subtitle (e.g. "tiny corpus, 600,000 tokens per model")."""
     fig = go.Figure()
     for i, (label, rows) in enumerate(curves.items()):
         pts = [(r["tokens"], r[key]) for r in rows if r.get("kind") == kind and key in r]
@@ -129,11 +133,12 @@ def loss_curves(curves: dict[str, list[dict[str, Any]]], kind: str = "train", ke
                 line=dict(color=PALETTE[i % len(PALETTE)]),
             )
         )
-    title = {"loss": "Training loss", "val_loss": "Validation loss"}.get(key, key)
+    title = {"loss": "Training LM loss", "val_loss": "Validation LM loss"}.get(key, key)
+    sub = ", ".join(x for x in (data, "aux loss excluded") if x)
     fig.update_layout(
-        title=f"{title} vs tokens seen",
-        xaxis_title="tokens",
-        yaxis_title=key,
+        title=f"{title} vs tokens seen (Fig 6)<br><sup>{sub}</sup>",
+        xaxis_title="tokens seen",
+        yaxis_title="LM loss (nats)" if key in ("loss", "val_loss") else key,
         template="plotly_white",
         legend_title="model",
         width=760,
@@ -520,7 +525,12 @@ def accuracy_vs_experts(
             or f"{task}: {metric} after finetuning vs experts per layer<br><sup>{data}, {n_text} examples per "
             f"point; bars: {bars}</sup>",
         ),
-        xaxis=dict(title="experts per layer (D)", type="log", tickvals=ticks, ticktext=[str(t) for t in ticks]),
+        xaxis=dict(
+            title="experts per layer (D)",
+            type="log",
+            tickvals=ticks,
+            ticktext=["dense" if t == 1 else str(t) for t in ticks],
+        ),  # fmt: skip
         yaxis_title=metric,
         template="plotly_white",
         width=820,
@@ -530,22 +540,46 @@ def accuracy_vs_experts(
 
 
 # -- inference cost ------------------------------------------------------------------------------------------------
+def latency_note(profile) -> str:
+    """'batch 1 x 128 tokens, cpu (2 threads), median of 10 timings' from an inference_profile table."""
+    if not len(profile) or "batch_size" not in profile:
+        return ""
+    r = profile.iloc[0]
+    text = f"batch {int(r['batch_size'])} x {int(r['seq_len'])} tokens"
+    if "device" in profile:
+        text += f", {r['device']}" + (f" ({int(r['threads'])} threads)" if "threads" in profile else "")
+    if "reps" in profile:
+        text += f", median of {int(r['reps'])} timings (bars: IQR)"
+    return text
+
+
+def _iqr(df, col: str, axis: str = "y") -> dict[str, Any] | None:
+    if f"{col}_q25" not in df or f"{col}_q75" not in df:
+        return None
+    return dict(
+        type="data", symmetric=False, array=(df[f"{col}_q75"] - df[col]).to_numpy(),
+        arrayminus=(df[col] - df[f"{col}_q25"]).to_numpy(),
+    )  # fmt: skip
+
+
 def loss_vs_latency(profile, title: str = "Validation loss vs inference latency per expert count (Fig 2a)"):
-    """The paper's Fig 2a: validation loss vs forward latency, one point per expert count."""
+    """The paper's Fig 2a: validation loss vs forward latency, one point per expert count (bars: IQR of timings)."""
     fig = go.Figure(
         go.Scatter(
             x=profile["latency_ms"],
             y=profile["val_loss"],
+            error_x=_iqr(profile, "latency_ms"),
             mode="markers+text+lines",
             text=profile["model"],
             textposition="top center",
             marker=dict(size=12, color=PALETTE[0]),
         )
     )
+    note = latency_note(profile)
     fig.update_layout(
-        title=title,
-        xaxis_title="forward latency (ms)",
-        yaxis_title="validation loss",
+        title=title + (f"<br><sup>{note}</sup>" if note else ""),
+        xaxis_title="forward latency, whole model (ms)",
+        yaxis_title="validation LM loss (nats)",
         template="plotly_white",
         width=760,
         height=460,
@@ -554,16 +588,20 @@ def loss_vs_latency(profile, title: str = "Validation loss vs inference latency 
 
 
 def moe_breakdown_bars(profile) -> go.Figure:
-    """Time split of one MoE layer per expert count (cf. the paper's Figs 4-5)."""
+    """Time split of one MoE layer per expert count (cf. the paper's Figs 4-5); bars: IQR of each stage's timings."""
     parts = [c for c in profile.columns if c.startswith("moe_") and c.endswith("_ms")]
     df = profile.dropna(subset=parts) if parts else profile.iloc[0:0]
     fig = go.Figure()
     for i, c in enumerate(parts):
-        fig.add_trace(go.Bar(x=df["model"], y=df[c], name=c[4:-3], marker_color=PALETTE[i % len(PALETTE)]))
+        fig.add_trace(
+            go.Bar(x=df["model"], y=df[c], name=c[4:-3], marker_color=PALETTE[i % len(PALETTE)], error_y=_iqr(df, c))
+        )
+    note = latency_note(profile)
     fig.update_layout(
         barmode="stack",
-        title="Where the time of one MoE layer goes (forward, eval mode)",
-        yaxis_title="ms",
+        title="Where the time of the first MoE layer goes (forward, eval mode, one process)"
+        + (f"<br><sup>{note}</sup>" if note else ""),
+        yaxis_title="ms (median per stage)",
         template="plotly_white",
         width=760,
         height=460,
