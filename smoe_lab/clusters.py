@@ -46,12 +46,20 @@ class LayerView:
     layer_method: str = ""  # the per-layer method on this layer (hybrid: freq_prune on layer 0, uncurl elsewhere)
     tsne_D: int = 0  # the D whose spectral embedding the t-SNE shows (stable layout: the largest-gap D)
     layout: str = "per_d"  # "stable": one t-SNE per layer for every D; "per_d": F at this view's D
+    data: str = ""  # what the calibration ran on, e.g. "boolq/train, 62,885 tokens" (for figure titles)
 
     @property
     def order(self) -> np.ndarray:
         """Experts ordered by group, then by frequency (descending): the heatmap's axis order."""
         key = np.where(self.labels < 0, self.labels.max() + 1, self.labels)
         return np.lexsort((-self.frequencies, key))
+
+
+def describe_calibration(manifest: dict) -> str:
+    """'boolq/train, 62,885 tokens' from a calibration manifest (what figure titles say the data was)."""
+    where = "/".join(str(manifest[k]) for k in ("task", "split") if manifest.get(k))
+    tokens = manifest.get("tokens")
+    return ", ".join(x for x in (where, f"{int(tokens):,} tokens" if tokens else "") if x)
 
 
 def suggest_d(eigenvalues: np.ndarray) -> int:
@@ -91,6 +99,7 @@ class ClusterExplorer:
         self.seed = seed
         self.n_init = n_init
         self.layout = layout
+        self.data = describe_calibration(cal.manifest)
         self.S = [np.asarray(similarity_from_gram(s.gram)) for s in cal.layers]
         self.freqs = [layer_frequencies(s) for s in cal.layers]  # what reduce_model ranks and averages with
         self._view = lru_cache(maxsize=256)(self._compute)
@@ -162,6 +171,7 @@ class ClusterExplorer:
             layer_method=layer_method(method, layer) if method != "mcsmoe" else method,
             tsne_D=t_d,
             layout=layout,
+            data=self.data,
         )
 
     def health(self, layer: int) -> RouterHealth:

@@ -184,6 +184,11 @@ def _coloured_by(view) -> str:
     return f"coloured by {view.method}'s {what}{here} (D={view.D})"
 
 
+def _data_note(view) -> str:
+    data = getattr(view, "data", "")
+    return f"calibration: {data}" if data else ""
+
+
 def _budget_note(view) -> str:
     budget = getattr(view, "budget", None)
     return f", mcsmoe budget {budget} over all layers" if budget else ""
@@ -231,7 +236,9 @@ def eigen_spectrum(view, title: str | None = None, width: int = 620, height: int
             text=f"largest gap: D={view.suggested_D}", font=dict(color="#2ca02c"), bgcolor="rgba(255,255,255,0.8)",
         )  # fmt: skip
     fig.update_layout(
-        title=title or f"Layer {view.layer}: normalised-Laplacian spectrum of S (Z={len(ev)})",
+        title=title
+        or f"Layer {view.layer}: normalised-Laplacian spectrum of S (Z={len(ev)})"
+        + (f"<br><sup>{_data_note(view)}</sup>" if _data_note(view) else ""),
         xaxis_title="k",
         yaxis_title="λ<sub>k</sub>",
         template="plotly_white",
@@ -249,7 +256,9 @@ def tsne_title(view) -> str:
     fixed = ", layout fixed per layer" if getattr(view, "layout", "per_d") == "stable" else ""
     return (
         f"Layer {view.layer}: t-SNE of UNCURL's spectral embedding (D={t_d}{fixed})"
-        f"<br><sup>{_coloured_by(view)}{_budget_note(view)}</sup>"
+        f"<br><sup>{_coloured_by(view)}{_budget_note(view)}"
+        + (f"; {_data_note(view)}" if _data_note(view) else "")
+        + "</sup>"
     )
 
 
@@ -337,8 +346,10 @@ def _add_tsne_traces(fig: go.Figure, view, row: int | None = None, col: int | No
 def tsne_grid(views: list, title: str | None = None, data: str = "") -> go.Figure:
     """All MoE layers side by side (the paper's Sec 6.3 figure), with a key for marker size and the centre ring.
 
-    data: what the calibration ran on (e.g. "boolq/train, 62,885 tokens"), for the title."""
+    data: what the calibration ran on (e.g. "boolq/train, 62,885 tokens"; default: the views'), for the title."""
     from plotly.subplots import make_subplots
+
+    data = data or (getattr(views[0], "data", "") if views else "")
 
     n = len(views)
     cols = min(4, n)
@@ -370,7 +381,9 @@ def tsne_grid(views: list, title: str | None = None, data: str = "") -> go.Figur
     return fig
 
 
-def stability_bars(stabilities: list[float], D: int) -> go.Figure:
+def stability_bars(stabilities: list[float], D: int, seeds: int | None = None, data: str = "") -> go.Figure:
+    """UNCURL's cluster stability per layer: mean pairwise ARI over `seeds` k-means seeds; data for the title."""
+    sub = ", ".join(x for x in (f"{seeds} k-means seeds" if seeds else "", f"calibration: {data}" if data else "") if x)
     fig = go.Figure(
         go.Bar(
             x=[f"layer {i}" for i in range(len(stabilities))],
@@ -380,7 +393,8 @@ def stability_bars(stabilities: list[float], D: int) -> go.Figure:
         )
     )
     fig.update_layout(
-        title=f"Cluster stability across k-means seeds (mean pairwise ARI, D={D})",
+        title=f"Cluster stability across k-means seeds (mean pairwise ARI, D={D})"
+        + (f"<br><sup>{sub}</sup>" if sub else ""),
         yaxis=dict(range=[0, 1.1], title="ARI"),
         template="plotly_white",
         width=620,
