@@ -625,10 +625,11 @@ def moe_breakdown_bars(profile) -> go.Figure:
 
 # -- router health (smoe_lab.router_health) -------------------------------------------------------------------------
 def router_health_curves(
-    curves: dict[str, list[dict[str, Any]]], key: str = "entropy_ratio", kind: str = "train"
+    curves: dict[str, list[dict[str, Any]]], key: str = "entropy_ratio", kind: str = "train", data: str = ""
 ) -> go.Figure:
     """Router health vs tokens seen: one line per (model, MoE layer), from metrics.jsonl rows. key: entropy_ratio
-    (with the 0.8 warning line and 1 = uniform), top1_gate, max_share, min_share or drop_frac."""
+    (with the 0.8 warning line and 1 = uniform), top1_gate, max_share, min_share or drop_frac. data: for the
+    subtitle (what the models trained on)."""
     fig = go.Figure()
     dashes = ["solid", "dash", "dot", "dashdot", "longdash", "longdashdot"]
     for i, (label, rows) in enumerate(curves.items()):
@@ -657,8 +658,9 @@ def router_health_curves(
         fig.add_hline(y=WARN_ENTROPY_RATIO, line=dict(color="#7f7f7f", dash="dot"), annotation_text="warning 0.8")
         fig.update_yaxes(range=[0, 1.05])
     fig.update_layout(
-        title=f"{titles.get(key, key)} vs tokens seen",
-        xaxis_title="tokens",
+        title=f"{titles.get(key, key)} vs tokens seen"
+        + (f"<br><sup>{data}; {'training' if kind == 'train' else 'validation'} batches</sup>" if data else ""),
+        xaxis_title="tokens seen",
         yaxis_title=key,
         template="plotly_white",
         legend_title="model · layer",
