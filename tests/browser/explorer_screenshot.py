@@ -1,21 +1,23 @@
 #!/usr/bin/env python
-"""Open notebook 02's ipywidgets explorer in a real JupyterLab with headless Chromium, change the layer dropdown
-and save a screenshot before and after.
+"""Open notebook 02's ipywidgets explorer in a real JupyterLab with headless Chromium, drive every control (layer,
+target D to 1 and to Z, every method, the t-SNE layout) and check that each change draws new figures without error.
 
     .venv/bin/python tests/browser/explorer_screenshot.py --out runs/browser
 
 What it does (see tests/browser/README.md):
 
 1. `smoe-lab data prepare` (seconds when already done) and notebook 01 with the CI parameters but a 4-block model
-   (2 MoE layers) and only the 4-expert variant, into a temporary run folder;
+   (2 MoE layers) and only the 8-expert variant, into a temporary run folder;
 2. a copy of notebooks/02_clusters.ipynb parameterised by papermill without executing it (out_dir = that run,
-   interactive = True);
+   interactive = True, variant = "8e");
 3. JupyterLab on a free 127.0.0.1 port with a random token, isolated settings (no news/update check, no
    notebook windowing) and the user's own Jupyter config left alone;
 4. headless Chromium through Selenium and /usr/bin/chromedriver: Run > Run All Cells, wait for the explorer
    (layer dropdown, target-D slider, method toggle, info line, three plotly figures), screenshot, choose
    "MoE layer 1" in the dropdown, wait until the kernel has redrawn (info line "layer 1 ...", new figures titled
-   "Layer 1: ..."), screenshot;
+   "Layer 1: ..."), screenshot; then D = 1, D = Z, D = 3 through the slider's readout, a click on every method and
+   on the other t-SNE layout, each followed by the same wait and a check that the figures changed and the info line
+   shows no error;
 5. writes <out>/result.json, shuts the server down (its kernels with it) and exits non-zero on any failure
    (with <out>/failure.png and <out>/jupyterlab.log to look at).
 
