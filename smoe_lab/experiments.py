@@ -10,6 +10,7 @@ finetuning (checkpoint hash, config, the examples' content).
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -55,9 +56,13 @@ def _partial(run_dir: Path, model_cfg, train_cfg, corpus) -> bool:
 
 
 def pretrain_variants(p: PretrainNotebook) -> pd.DataFrame:
-    """Pretrain every variant on the same token budget; returns one row per model (the notebook's table)."""
+    """Pretrain every variant on the same token budget; returns one row per model (the notebook's table).
+
+    p.workers > 1 trains that many variants at once, each in a spawned process with cpu_count // workers threads
+    (on a small CPU two 1-thread processes get more done than one 2-thread process, and far more when other work
+    shares the machine); the notebook's process reports their steps as they go (smoe_lab.progress)."""
     train_cfg = p.train_config()
-    rows = []
+    jobs = []
     for e in p.variants:
         model_cfg = p.model_config(e)
         run_dir = Path(p.out_dir) / "pretrain" / f"{variant_label(e)}-s{p.seed}"
@@ -65,12 +70,66 @@ def pretrain_variants(p: PretrainNotebook) -> pd.DataFrame:
             print(f"{variant_label(e)}: up to date ({run_dir})")
             progress_report(f"pretrain {variant_label(e)}: up to date")
         else:
-            resume = _partial(run_dir, model_cfg, train_cfg, p.corpus)
-            with progress_stage(f"pretrain {variant_label(e)} ({train_cfg.max_steps} steps)"):
+            jobs.append((variant_label(e), model_cfg, run_dir, _partial(run_dir, model_cfg, train_cfg, p.corpus)))
+    if p.workers > 1 and len(jobs) > 1:  # the largest models first: the last one to start is the quickest
+        _pretrain_parallel(
+            sorted(jobs, key=lambda j: -max(j[1].experts_per_layer or [1])), train_cfg, p.corpus, p.workers
+        )
+    else:
+        for label, model_cfg, run_dir, resume in jobs:
+            with progress_stage(f"pretrain {label} ({train_cfg.max_steps} steps)"):
                 pretrain(model_cfg, train_cfg, p.corpus, run_dir, resume=resume, progress=p.progress)
-        rows.append(summarize_run(run_dir))
-    table = pd.DataFrame(rows)
-    return table
+    return pd.DataFrame(
+        [summarize_run(Path(p.out_dir) / "pretrain" / f"{variant_label(e)}-s{p.seed}") for e in p.variants]
+    )
+
+
+def _worker_init(threads: int) -> None:
+    """A pool worker: its share of the cores, and no progress lines of its own (its parent reports for it)."""
+    import os
+
+    import torch
+
+    from . import progress
+
+    torch.set_num_threads(threads)
+    os.environ[progress.ENV] = "0"
+
+
+def _last_step(run_dir: Path) -> int:
+    try:
+        rows = read_metrics(run_dir / "metrics.jsonl")
+    except (OSError, ValueError):
+        return 0
+    return max((int(r.get("step", 0)) for r in rows), default=0)
+
+
+def _pretrain_parallel(jobs, train_cfg, corpus, workers: int, every: float = 20.0) -> None:
+    """Train (label, model_cfg, run_dir, resume) jobs in `workers` spawned processes; the first error is raised."""
+    import multiprocessing
+    import os
+    from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+
+    workers = min(workers, len(jobs))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    progress_report(f"pretrain {', '.join(j[0] for j in jobs)}: {workers} at a time, {threads} thread(s) each")
+    t0 = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch thread pools
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = {
+            pool.submit(pretrain, cfg, train_cfg, corpus, run_dir, resume, False): (label, run_dir)
+            for label, cfg, run_dir, resume in jobs
+        }
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=every, return_when=FIRST_COMPLETED)
+            for f in done:
+                f.result()  # a worker's exception (e.g. a NaN loss) stops the notebook here
+                label, _ = futures[f]
+                progress_report(f"pretrain {label}: done ({time.perf_counter() - t0:.0f}s)")
+            if pending:
+                steps = [f"{futures[f][0]} {_last_step(futures[f][1])}/{train_cfg.max_steps}" for f in pending]
+                progress_report("pretrain steps: " + ", ".join(steps))
 
 
 def summarize_run(run_dir: str | Path) -> dict[str, Any]:
@@ -511,7 +570,7 @@ def pruning_study(p) -> pd.DataFrame:
     if p.router_warmup_data == INSTRUCTIONS and cfg1 is None:
         instructions = task_data(INSTRUCTIONS, p.corpus, None, "auto", p.max_train_examples, 1, p.seed)[0]
 
-    rows = []
+    jobs = []
     for task in p.tasks:
         train, val = task_data(task, p.corpus, None, "auto", p.max_train_examples, p.max_eval_examples, p.seed)
         spec = data_spec(task, p.corpus, p.max_train_examples, p.max_eval_examples, p.seed)
@@ -526,8 +585,7 @@ def pruning_study(p) -> pd.DataFrame:
             )
 
         for ref in refs:
-            ft = (staged(ref), task, train, val, cfg, out, store, p.backbone, p.progress)
-            rows.append(finetune_and_record(*ft, spec=spec))
+            jobs.append(dict(ckpt=staged(ref), task=task, train=train, val=val, spec=spec, extra=None, warmup=None))
         cal, cal_path = calibration_artifact(
             base,
             task,
@@ -542,9 +600,46 @@ def pruning_study(p) -> pd.DataFrame:
             for d in p.targets:
                 ckpt, rep = reduced_checkpoint(base, cal, cal_path, method, d, out, p.router, p.seed, p.workers)
                 extra = {"reduce_seconds": rep["seconds"]["total"], "experts_per_layer": rep["num_experts"]}
-                ft = (staged(ckpt), task, train, val, cfg, out, store, p.backbone, p.progress, extra)
-                rows.append(finetune_and_record(*ft, spec=spec, warmup_examples=instructions))
-    return pd.DataFrame(rows)
+                jobs.append(
+                    dict(
+                        ckpt=staged(ckpt), task=task, train=train, val=val, spec=spec, extra=extra, warmup=instructions
+                    )
+                )
+    common = dict(cfg=cfg, out_dir=out, store=store, backbone=p.backbone, progress=p.progress)
+    return pd.DataFrame(run_finetunes(jobs, common, p.finetune_workers))
+
+
+def _finetune_job(job: dict[str, Any], common: dict[str, Any]) -> dict[str, Any]:
+    return finetune_and_record(
+        job["ckpt"], job["task"], job["train"], job["val"], common["cfg"], common["out_dir"], common["store"],
+        common["backbone"], common["progress"], job["extra"], spec=job["spec"], warmup_examples=job["warmup"],
+    )  # fmt: skip
+
+
+def run_finetunes(jobs: list[dict[str, Any]], common: dict[str, Any], workers: int = 1) -> list[dict[str, Any]]:
+    """finetune_and_record for every job (rows in job order). workers > 1: that many at once, each in a spawned
+    process with cpu_count // workers threads (the store takes appends from several processes)."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [_finetune_job(j, common) for j in jobs]
+    import multiprocessing
+    import os
+    from concurrent.futures import ProcessPoolExecutor
+
+    workers = min(workers, len(jobs))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    progress_report(f"finetune {len(jobs)} models: {workers} at a time, {threads} thread(s) each")
+    t0 = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = [pool.submit(_finetune_job, j, common) for j in jobs]
+        rows = []
+        for i, f in enumerate(futures):
+            rows.append(f.result())  # in job order; a worker's exception stops here
+            name = checkpoint_name(Path(jobs[i]["ckpt"]))
+            progress_report(
+                f"finetune {i + 1}/{len(jobs)} done: {name} on {jobs[i]['task']} ({time.perf_counter() - t0:.0f}s)"
+            )
+    return rows
 
 
 def _per_base_studies(p) -> pd.DataFrame:
