@@ -704,6 +704,7 @@ def inference_profile(
 
     rows = []
     for v in variants:
+        progress_report(f"latency of {v}: batch {batch_size}, {reps} timings")
         ckpt = find_checkpoint(out_dir, v, seed)
         model = checkpoint.load(ckpt)
         run = summarize_run(pretrain_dir(out_dir, v, seed))
