@@ -96,12 +96,13 @@ def _worker_init(threads: int) -> None:
     os.environ[progress.ENV] = "0"
 
 
-def _last_step(run_dir: Path) -> int:
+def _step_text(run_dir: Path, total: int) -> str:
+    """'70/147' from a run's metrics.jsonl; 'queued' before it has one."""
     try:
         rows = read_metrics(run_dir / "metrics.jsonl")
     except (OSError, ValueError):
-        return 0
-    return max((int(r.get("step", 0)) for r in rows), default=0)
+        return "queued"
+    return f"{max((int(r.get('step', 0)) for r in rows), default=0)}/{total}"
 
 
 def _pretrain_parallel(jobs, train_cfg, corpus, workers: int, every: float = 20.0) -> None:
@@ -128,7 +129,7 @@ def _pretrain_parallel(jobs, train_cfg, corpus, workers: int, every: float = 20.
                 label, _ = futures[f]
                 progress_report(f"pretrain {label}: done ({time.perf_counter() - t0:.0f}s)")
             if pending:
-                steps = [f"{futures[f][0]} {_last_step(futures[f][1])}/{train_cfg.max_steps}" for f in pending]
+                steps = [f"{futures[f][0]} {_step_text(futures[f][1], train_cfg.max_steps)}" for f in pending]
                 progress_report("pretrain steps: " + ", ".join(steps))
 
 
