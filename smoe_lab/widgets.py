@@ -24,8 +24,8 @@ FIGURES = ("tsne", "heatmap", "spectrum")
 CSS_CLASS = "smoe-explorer"  # on the explorer's outer box (the browser test finds it by this class)
 ERROR_MARK = "redraw failed"  # the info line's prefix after a failed redraw (the browser test looks for it)
 LAYOUT_LABELS = {"stable": "fixed per layer", "per_d": "re-embedded per D"}
-# figure sizes in the explorer: two per row fit a 1440-pixel-wide JupyterLab with the file browser open
-WIDTH, HEIGHT = 560, 440
+# figure sizes in the explorer: two per row fit a 1440-pixel-wide JupyterLab with its file browser open
+WIDTH, HEIGHT = 480, 430
 
 
 def health_line(h: RouterHealth) -> str:
@@ -98,7 +98,7 @@ class ExplorerWidget:
         return {
             "tsne": plots.tsne_scatter(view, width=WIDTH, height=HEIGHT),
             "heatmap": plots.similarity_heatmap(view, width=WIDTH, height=HEIGHT),
-            "spectrum": plots.eigen_spectrum(view, width=WIDTH, height=HEIGHT - 80),
+            "spectrum": plots.eigen_spectrum(view, width=WIDTH, height=HEIGHT - 100),
         }
 
     def redraw(self) -> None:
