@@ -102,10 +102,18 @@ def _read_stamps(path: Path) -> dict[str, str]:
     return doc if isinstance(doc, dict) else {}
 
 
+# glibc malloc settings for the kernels (and the worker processes they spawn), unless already set: keep freed memory
+# in the process instead of handing it back to the OS after every step and faulting it in again. On this project's
+# 2-core VM that halved the page faults of a training step and made it ~25% faster (tiny 8e, 1 thread).
+MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(64 << 30), "MALLOC_TOP_PAD_": str(1 << 30)}
+
+
 @contextmanager
 def _progress_env(notebook: str, t0: float) -> Iterator[None]:
-    """The environment a notebook's kernel inherits: progress lines on, the pipeline's start, the notebook's name."""
+    """The environment a notebook's kernel inherits: progress lines on, the pipeline's start, the notebook's name,
+    MALLOC_ENV where the caller has not set those variables."""
     env = {progress_lines.ENV: "1", progress_lines.ENV_T0: repr(t0), progress_lines.ENV_NOTEBOOK: notebook}
+    env.update({k: v for k, v in MALLOC_ENV.items() if k not in os.environ})
     saved = {k: os.environ.get(k) for k in env}
     os.environ.update(env)
     try:
