@@ -34,3 +34,20 @@ def test_ticker_throttles(monkeypatch, capfd):
         t.tick(i, "loss 1.0")
     err = capfd.readouterr().err.splitlines()
     assert len(err) == 1 and re.fullmatch(r"\[\d\d:\d\d:\d\d\] train: 100/100 \(loss 1\.0\), \d+s", err[0])
+
+
+def test_pipeline_kernel_env_is_set_and_restored(monkeypatch):
+    import os
+
+    from smoe_lab import pipeline
+
+    monkeypatch.delenv(progress.ENV, raising=False)
+    monkeypatch.setenv("MALLOC_TOP_PAD_", "123")  # the caller's own setting wins
+    monkeypatch.delenv("MALLOC_TRIM_THRESHOLD_", raising=False)
+    with pipeline._progress_env("02_clusters", 100.0):
+        assert os.environ[progress.ENV] == "1" and os.environ[progress.ENV_NOTEBOOK] == "02_clusters"
+        assert float(os.environ[progress.ENV_T0]) == 100.0
+        assert os.environ["MALLOC_TOP_PAD_"] == "123"
+        assert os.environ["MALLOC_TRIM_THRESHOLD_"] == pipeline.MALLOC_ENV["MALLOC_TRIM_THRESHOLD_"]
+    assert progress.ENV not in os.environ and "MALLOC_TRIM_THRESHOLD_" not in os.environ
+    assert os.environ["MALLOC_TOP_PAD_"] == "123"
