@@ -229,11 +229,11 @@ def eigen_spectrum(view, title: str | None = None, width: int = 620, height: int
         x=view.D + 0.5, y=1.0, yref="paper", yanchor="bottom", showarrow=False, text=f"D={view.D}{gap}",
         font=dict(color="#d62728"), xanchor="left",
     )  # fmt: skip
-    if view.suggested_D != view.D:
+    if view.suggested_D != view.D:  # above the plot area too, one line higher: never on the curve
         fig.add_vline(x=view.suggested_D + 0.5, line=dict(dash="dot", color="#2ca02c"))
         fig.add_annotation(
-            x=view.suggested_D + 0.5, y=1.0, yref="paper", yanchor="top", showarrow=False, xanchor="right",
-            text=f"largest gap: D={view.suggested_D}", font=dict(color="#2ca02c"), bgcolor="rgba(255,255,255,0.8)",
+            x=view.suggested_D + 0.5, y=1.08, yref="paper", yanchor="bottom", showarrow=False, xanchor="left",
+            text=f"largest gap: D={view.suggested_D}", font=dict(color="#2ca02c"),
         )  # fmt: skip
     fig.update_layout(
         title=title
@@ -244,7 +244,7 @@ def eigen_spectrum(view, title: str | None = None, width: int = 620, height: int
         template="plotly_white",
         width=width,
         height=height,
-        margin=dict(l=60, r=20, t=80, b=50),
+        margin=dict(l=60, r=20, t=110, b=50),
     )
     return fig
 
@@ -287,14 +287,13 @@ def _marker_sizes(freq: np.ndarray) -> np.ndarray:
 def _add_tsne_key(fig: go.Figure, view) -> None:
     """Legend entries for what the markers mean: size = activation frequency, black ring = the group's centre."""
     f_max = float(view.frequencies.max())
-    for share in (f_max, f_max / 4):
-        fig.add_trace(
-            go.Scatter(
-                x=[None], y=[None], mode="markers", name=f"size: freq {share:.3f}", legendgroup="key",
-                marker=dict(size=float(_marker_sizes(np.array([share, f_max]))[0]), color="white",
-                            line=dict(color="#888", width=1)),
-            )
-        )  # fmt: skip
+    fig.add_trace(
+        go.Scatter(
+            x=[None], y=[None], mode="markers", legendgroup="key",
+            name=f"size ~ sqrt(activation freq); largest = {f_max:.3f}",
+            marker=dict(size=14, color="white", line=dict(color="#888", width=1)),
+        )
+    )  # fmt: skip
     ring = "kept expert" if _is_pruning(view) else "centre (reference expert)"
     fig.add_trace(
         go.Scatter(
@@ -366,8 +365,8 @@ def tsne_grid(views: list, title: str | None = None, data: str = "") -> go.Figur
     if views:
         _add_tsne_key(fig, views[0])
     methods = sorted({v.method for v in views})
-    default = f"t-SNE of UNCURL's spectral embedding per MoE layer, coloured by {', '.join(methods)} groups"
-    title = title or default + (f"<br><sup>calibration: {data}; size = activation frequency</sup>" if data else "")
+    sub = f"coloured by {', '.join(methods)} groups" + (f"; calibration: {data}" if data else "")
+    title = title or f"t-SNE of UNCURL's spectral embedding per MoE layer<br><sup>{sub}</sup>"
     fig.update_layout(
         title=title,
         template="plotly_white",

@@ -119,7 +119,7 @@ def test_tsne_titles_and_legends_say_what_they_show(explorer):
     hybrid = {layer: {t.name for t in plots.tsne_scatter(ex.view(layer, 4, "hybrid")).data} for layer in (0, 1)}
     assert "kept" in hybrid[0] and "group 0" in hybrid[1]  # freq_prune on the first MoE layer, uncurl after it
     names = {t.name for t in plots.tsne_scatter(ex.view(0, D)).data}
-    assert any(n.startswith("size: freq") for n in names) and any("black ring" in n for n in names)
+    assert any(n.startswith("size ~ sqrt(activation freq)") for n in names) and any("black ring" in n for n in names)
 
 
 def test_group_colours_do_not_repeat():
