@@ -222,8 +222,10 @@ def eigen_spectrum(view, title: str | None = None, width: int = 620, height: int
     """Normalised-Laplacian eigenvalues λ_k with the gap after the D-th marked (labels above the plot area)."""
     ev = view.eigenvalues
     k = np.arange(1, len(ev) + 1)
-    fig = go.Figure(go.Scatter(x=k, y=ev, mode="lines+markers", name="λ_k", showlegend=False))
-    gap = "" if not np.isfinite(view.eigengap) else f", gap λ{view.D + 1} − λ{view.D} = {view.eigengap:.3f}"
+    fig = go.Figure(go.Scatter(x=k, y=ev, mode="lines+markers", name="λ<sub>k</sub>", showlegend=False))
+    gap = ""
+    if np.isfinite(view.eigengap):
+        gap = f", gap λ<sub>{view.D + 1}</sub> − λ<sub>{view.D}</sub> = {view.eigengap:.3f}"
     fig.add_vline(x=view.D + 0.5, line=dict(dash="dash", color="#d62728"))
     fig.add_annotation(
         x=view.D + 0.5, y=1.0, yref="paper", yanchor="bottom", showarrow=False, text=f"D={view.D}{gap}",
@@ -239,7 +241,7 @@ def eigen_spectrum(view, title: str | None = None, width: int = 620, height: int
         title=title
         or f"Layer {view.layer}: normalised-Laplacian spectrum of S (Z={len(ev)})"
         + (f"<br><sup>{_data_note(view)}</sup>" if _data_note(view) else ""),
-        xaxis_title="k",
+        xaxis=dict(title="k", dtick=1 if len(ev) <= 32 else None),
         yaxis_title="λ<sub>k</sub>",
         template="plotly_white",
         width=width,
