@@ -19,6 +19,7 @@ LM loss / perplexity on corpus windows is `smoe_lab.train.lm_eval_loss`.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -116,6 +117,26 @@ def predictions(scores: Sequence[Sequence[float]]) -> list[int]:
     return [max(range(len(s)), key=lambda j: (s[j], -j)) for s in scores]
 
 
+def top_prediction_share(preds: Sequence[int]) -> float:
+    """Share of examples that get the most frequent predicted choice index: 1.0 = the model answers the same
+    choice (e.g. "yes") for every example, a model that learned nothing but the floor."""
+    if not preds:
+        raise ValueError("top_prediction_share needs predictions")
+    return max(Counter(preds).values()) / len(preds)
+
+
+def wilson_interval(acc: float, n: int, z: float = 1.96) -> tuple[float, float]:
+    """Wilson score interval (default 95%) of an accuracy measured on n examples -> (low, high) in [0, 1]."""
+    if n <= 0:
+        raise ValueError(f"wilson_interval needs n > 0 examples, got {n}")
+    if not 0.0 <= acc <= 1.0:
+        raise ValueError(f"accuracy must be in [0, 1], got {acc}")
+    denom = 1 + z * z / n
+    centre = (acc + z * z / (2 * n)) / denom
+    half = z * math.sqrt(acc * (1 - acc) / n + z * z / (4 * n * n)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
 def accuracy(examples: Sequence[Example], preds: Sequence[int]) -> float:
     """Share of examples whose prediction is a correct choice (ReCoRD: any correct entity)."""
     if len(examples) != len(preds) or not examples:
@@ -133,23 +154,26 @@ def evaluate_task(
     block_size: int | None = None,
     dtype: str = "float32",
 ) -> dict[str, float]:
-    """{"accuracy", "acc_norm", "loss", "n", "seconds"} on `examples`.
+    """{"accuracy", "acc_norm", "loss", "n", "top_pred_share", "seconds"} on `examples`.
 
     accuracy ranks choices by summed log-likelihood, acc_norm by mean log-likelihood per answer token. loss is the
     mean per-token negative log-likelihood of the correct choice (`label`), token-weighted over all examples;
-    accuracy counts any correct choice (`Example.correct`). dtype as TrainConfig.dtype (float32 default; "auto"
-    uses bf16 autocast on CUDA).
+    accuracy counts any correct choice (`Example.correct`). top_pred_share: the share of the most frequent
+    predicted choice index under `accuracy`'s ranking (1.0 = one answer for everything). dtype as
+    TrainConfig.dtype (float32 default; "auto" uses bf16 autocast on CUDA).
     """
     t0 = time.perf_counter()
     scores, lengths = choice_logprobs(model, tok, examples, batch_size, device, progress, block_size, dtype)
     nll = -sum(s[e.label] for s, e in zip(scores, examples))
     tokens = sum(n[e.label] for n, e in zip(lengths, examples))
     per_token = [[v / max(n, 1) for v, n in zip(s, ns)] for s, ns in zip(scores, lengths)]
+    preds = predictions(scores)
     return {
-        "accuracy": accuracy(examples, predictions(scores)),
+        "accuracy": accuracy(examples, preds),
         "acc_norm": accuracy(examples, predictions(per_token)),
         "loss": nll / tokens,
         "n": float(len(examples)),
+        "top_pred_share": top_prediction_share(preds),
         "seconds": time.perf_counter() - t0,
     }
 

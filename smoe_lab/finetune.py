@@ -117,6 +117,7 @@ class FinetuneResult:
     n_dev: int = 0
     router_warmup: dict[str, Any] | None = None
     history: list[dict[str, float]] = field(default_factory=list)  # one row per evaluation: step, dev_*
+    top_pred_share: float = math.nan  # share of the most frequent answer on the validation split (1 = one class)
 
     @property
     def report(self) -> dict[str, float]:
@@ -133,6 +134,7 @@ def store_rows(res: FinetuneResult, common: dict[str, Any]) -> list[dict[str, An
     """Results-store rows of a finetuning: the reported numbers under "accuracy", "acc_norm", "loss" (validation
     split, selected checkpoint) and the selection numbers under "dev_accuracy", "dev_acc_norm", "dev_loss"."""
     info = {"best_step": res.best_step, "n_report": res.n_report, "n_dev": res.n_dev, "n_train": res.n_train}
+    info["top_pred_share"] = res.top_pred_share
     common = {**common, "extra": {**(common.get("extra") or {}), **info, "checkpoint": res.best_checkpoint}}
     return metric_rows(common, res.report, REPORT_SPLIT) + metric_rows(common, res.selection, DEV_SPLIT)
 
@@ -302,6 +304,7 @@ def finetune(
         n_train=len(train_part),
         n_dev=len(dev),
         router_warmup=warm,
+        top_pred_share=report["top_pred_share"],
         history=history,
     )
     checkpoint.atomic_write_text(out_dir / "finetune.json", json.dumps(asdict(result), indent=2, default=str))

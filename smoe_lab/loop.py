@@ -32,6 +32,7 @@ import torch
 from tqdm.auto import tqdm
 
 from . import faults
+from . import progress as _progress
 from .atomic import atomic_write_text
 from .config import TrainConfig
 from .router_health import health_row
@@ -264,6 +265,7 @@ def run_steps(
     last_loss = float("nan")
     eval_row: dict[str, float] = {}
     bar = tqdm(range(start, cfg.max_steps), desc=desc, disable=not progress, initial=start, total=cfg.max_steps)
+    ticker = _progress.Ticker(desc, cfg.max_steps)  # lines on a batch run's terminal (smoe_lab.progress)
     for step in bar:
         if fault_point is not None:
             faults.hit(fault_point)  # test hook: SMOE_LAB_KILL_AT=step:N kills the process here (between steps)
@@ -306,10 +308,15 @@ def run_steps(
                 **telemetry_row(model),
             )
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}")
+            ticker.tick(done, f"loss {loss_sum:.3f}, {tokens_per_step / max(dt, 1e-9):,.0f} tokens/s")
         if evaluate is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
             eval_row = evaluate(model)
             if log is not None:
                 log.write(kind="eval", step=done, tokens=done * tokens_per_step, **eval_row)
+            shown = {k: v for k, v in eval_row.items() if isinstance(v, float) and k.endswith(("loss", "accuracy"))}
+            _progress.report(
+                f"{desc}: step {done}/{cfg.max_steps} eval " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
+            )
             if on_eval is not None:
                 on_eval(done, eval_row)
         if save is not None and ((cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.max_steps):

@@ -119,6 +119,9 @@ class PretrainNotebook(PretrainSettings):
     seed: int = 0
     out_dir: str = "runs/quickstart"
     progress: bool = True
+    # workers: variants trained at once, each in its own process with cores // workers threads (1 = one after
+    # another in the notebook's process). Results do not depend on it beyond float rounding of the thread count.
+    workers: int = 1
 
     def __post_init__(self) -> None:
         self._check_types()
@@ -136,6 +139,8 @@ class PretrainNotebook(PretrainSettings):
             _err(nb, "variants", f"has duplicates: {self.variants}")
         if isinstance(self.tokens, bool) or not isinstance(self.tokens, int) or self.tokens < 1:
             _err(nb, "tokens", f"must be a positive integer, got {self.tokens!r}")
+        if self.workers < 1:
+            _err(nb, "workers", f"must be >= 1, got {self.workers}")
         for v in self.variants:  # validates model_overrides and the train settings now, not mid-run
             self.model_config(v)
         self.train_config()
@@ -242,7 +247,9 @@ class PruningNotebook(NotebookParams):
     max_eval_examples: int = 256
     finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields of the task finetune (stage 2)
     stage1: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields of stage 1 ({} = no stage 1)
-    workers: int = 1
+    workers: int = 1  # threads aligning experts in a reduction
+    # finetune_workers: finetunings run at once, each in its own process with cores // finetune_workers threads
+    finetune_workers: int = 1
     progress: bool = False
     out_dir: str = "runs/quickstart"
     # Low-noise readouts (smoe_lab.readouts), no finetuning: per domain, calibrate on its held-out documents, reduce
@@ -283,7 +290,10 @@ class PruningNotebook(NotebookParams):
             _err(nb, "router_warmup_data", f"must be one of {list(WARMUP_DATA)}, got {self.router_warmup_data!r}")
         if not self.targets or any(isinstance(d, bool) or not isinstance(d, int) or d < 1 for d in self.targets):
             _err(nb, "targets", f"must be a non-empty list of expert counts >= 1, got {self.targets!r}")
-        for name in ("calibration_examples", "batch_size", "max_train_examples", "max_eval_examples", "workers"):
+        for name in (
+            "calibration_examples", "batch_size", "max_train_examples", "max_eval_examples", "workers",
+            "finetune_workers",
+        ):  # fmt: skip
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 _err(nb, name, f"must be an integer >= 1, got {v!r}")

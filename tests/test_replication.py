@@ -407,3 +407,29 @@ def test_partial_report_counts_missing_readouts(tmp_path):
     assert "readout news seed 0 32e" in comp["missing"] and "readout news seed 2 hybrid 32e->2e" in comp["missing"]
     text = R.render_report(store.rows(), p)
     assert "0/78 readouts without finetuning" in text and "## Readouts without finetuning" not in text
+
+
+def test_task_figure_has_floors_intervals_over_seeds_and_one_class_flag(tmp_path):
+    p = _params(tmp_path)
+    store = R.load_store(p)
+    _fill_store(store, p)
+    df = store.rows()
+    fig = R.figure_task(df, "boolq", p)
+    notes = [a.text for a in fig.layout.annotations]
+    assert any(t.startswith("majority class") for t in notes) and any(t.startswith("chance") for t in notes)
+    assert "3 seed(s)" in fig.layout.title.text and "n unknown" in fig.layout.title.text  # rows carry no n_report
+    series = [t for t in fig.data if t.name in set(p.methods) | {"trained from scratch"}]
+    assert series and all(len(t.error_y.array) == len(t.y) for t in series)
+    assert any(h > 0 for t in series for h in t.error_y.array)  # t intervals over the 3 seeds
+    # a model that answers one class for every example is crossed out; n from the store's extra is in the title
+    rows = R.figures.task_rows(df, "boolq", max(p.variants))
+    assert len(rows) and rows["n_eval"].isna().all()
+    one = rows.iloc[0]
+    ident = dict(base_model="tiny", method=one["method"] if one["method"] != "none" else "none", z=int(one["z"]),
+                 d=int(one["d"]), task="boolq", stage="stage2")  # fmt: skip
+    for seed in sorted(rows["seed"].unique()):
+        store.append_many([{**ident, "seed": int(seed), "metric": "accuracy", "value": 0.62,
+                            "extra": {"n_report": 256, "top_pred_share": 1.0}}])  # fmt: skip
+    fig = R.figure_task(store.rows(), "boolq", p)
+    assert "n=256" in fig.layout.title.text
+    assert [t for t in fig.data if t.name == "one answer for every example"]

@@ -396,8 +396,8 @@ def resolve_corpus(spec: str | os.PathLike | Corpus) -> Corpus:
     p = Path(spec)
     if p.is_dir():
         return open_corpus(p)
-    if str(spec) in RECIPES:
-        return open_corpus(prepare(str(spec)))
+    if str(spec) in RECIPES:  # prepared on first use, e.g. inside a notebook: no progress bars there
+        return open_corpus(prepare(str(spec), progress=False))
     if (paths.prepared_dir() / str(spec) / "meta.json").is_file():
         return open_corpus(paths.prepared_dir() / str(spec))
     raise FileNotFoundError(

@@ -16,6 +16,7 @@ from ..data.corpus import iter_eval_batches, resolve_corpus
 from ..data.tasks import calibration_batches, load_task
 from ..hf.source import checkpoint_name as _name
 from ..hf.source import is_hf_source, resolve
+from ..progress import report as progress_report
 from ..readouts import domain_calibration_batches
 
 
@@ -128,6 +129,7 @@ def calibration_artifact(
         if cal is not None and cal.manifest.get("cache_key") == key:
             return cal, path
     model = load(ckpt)
+    progress_report(f"calibrate {checkpoint_name(ckpt)} on {source}/{split}")
     cal = calibrate(
         model,
         batches,

@@ -4,15 +4,22 @@ Re-exported by smoe_lab.experiments (see its docstring for the caching rule)."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
+import torch
 
-from .. import checkpoint
+from .. import checkpoint, progress
 from ..data.corpus import resolve_corpus
 from ..loop import read_metrics
 from ..notebook_params import PretrainNotebook
+from ..progress import report as progress_report
+from ..progress import stage as progress_stage
 from ..router_health import last_health, specialisation_warning
 from ..train import pretrain, pretrain_key
 
@@ -47,20 +54,71 @@ def _partial(run_dir: Path, model_cfg, train_cfg, corpus) -> bool:
 
 
 def pretrain_variants(p: PretrainNotebook) -> pd.DataFrame:
-    """Pretrain every variant on the same token budget; returns one row per model (the notebook's table)."""
+    """Pretrain every variant on the same token budget; returns one row per model (the notebook's table).
+
+    p.workers > 1 trains that many variants at once, each in a spawned process with cpu_count // workers threads
+    (on a small CPU two 1-thread processes get more done than one 2-thread process, and far more when other work
+    shares the machine); the notebook's process reports their steps as they go (smoe_lab.progress)."""
     train_cfg = p.train_config()
-    rows = []
+    jobs = []
     for e in p.variants:
         model_cfg = p.model_config(e)
         run_dir = Path(p.out_dir) / "pretrain" / f"{variant_label(e)}-s{p.seed}"
         if _finished(run_dir, model_cfg, train_cfg, p.corpus):
             print(f"{variant_label(e)}: up to date ({run_dir})")
+            progress_report(f"pretrain {variant_label(e)}: up to date")
         else:
-            resume = _partial(run_dir, model_cfg, train_cfg, p.corpus)
-            pretrain(model_cfg, train_cfg, p.corpus, run_dir, resume=resume, progress=p.progress)
-        rows.append(summarize_run(run_dir))
-    table = pd.DataFrame(rows)
-    return table
+            jobs.append((variant_label(e), model_cfg, run_dir, _partial(run_dir, model_cfg, train_cfg, p.corpus)))
+    if p.workers > 1 and len(jobs) > 1:  # the largest models first: the last one to start is the quickest
+        _pretrain_parallel(
+            sorted(jobs, key=lambda j: -max(j[1].experts_per_layer or [1])), train_cfg, p.corpus, p.workers
+        )
+    else:
+        for label, model_cfg, run_dir, resume in jobs:
+            with progress_stage(f"pretrain {label} ({train_cfg.max_steps} steps)"):
+                pretrain(model_cfg, train_cfg, p.corpus, run_dir, resume=resume, progress=p.progress)
+    return pd.DataFrame(
+        [summarize_run(Path(p.out_dir) / "pretrain" / f"{variant_label(e)}-s{p.seed}") for e in p.variants]
+    )
+
+
+def _worker_init(threads: int) -> None:
+    """A pool worker: its share of the cores, and no progress lines of its own (its parent reports for it)."""
+    torch.set_num_threads(threads)
+    os.environ[progress.ENV] = "0"
+
+
+def _step_text(run_dir: Path, total: int) -> str:
+    """'70/147' from a run's metrics.jsonl; 'queued' before it has one."""
+    try:
+        rows = read_metrics(run_dir / "metrics.jsonl")
+    except (OSError, ValueError):
+        return "queued"
+    return f"{max((int(r.get('step', 0)) for r in rows), default=0)}/{total}"
+
+
+def _pretrain_parallel(jobs, train_cfg, corpus, workers: int, every: float = 20.0) -> None:
+    """Train (label, model_cfg, run_dir, resume) jobs in `workers` spawned processes; the first error is raised."""
+    workers = min(workers, len(jobs))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    progress_report(f"pretrain {', '.join(j[0] for j in jobs)}: {workers} at a time, {threads} thread(s) each")
+    t0 = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")  # a fresh interpreter per worker: no forked torch thread pools
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = {
+            pool.submit(pretrain, cfg, train_cfg, corpus, run_dir, resume, False): (label, run_dir)
+            for label, cfg, run_dir, resume in jobs
+        }
+        pending = set(futures)
+        while pending:
+            done, pending = wait(pending, timeout=every, return_when=FIRST_COMPLETED)
+            for f in done:
+                f.result()  # a worker's exception (e.g. a NaN loss) stops the notebook here
+                label, _ = futures[f]
+                progress_report(f"pretrain {label}: done ({time.perf_counter() - t0:.0f}s)")
+            if pending:
+                steps = [f"{futures[f][0]} {_step_text(futures[f][1], train_cfg.max_steps)}" for f in pending]
+                progress_report("pretrain steps: " + ", ".join(steps))
 
 
 def summarize_run(run_dir: str | Path) -> dict[str, Any]:

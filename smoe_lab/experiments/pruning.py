@@ -5,6 +5,10 @@ Re-exported by smoe_lab.experiments (see its docstring for the caching rule)."""
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -14,10 +18,12 @@ from .. import cachekey, checkpoint
 from ..data.corpus import resolve_corpus
 from ..evaluate import chance_baseline, majority_baseline
 from ..finetune import INSTRUCTIONS, FinetuneConfig, data_spec, finetune, store_rows, task_data
+from ..progress import report as progress_report
 from ..protocol import dev_split
 from ..reduce.methods import reduce_model
 from ..results import ResultsStore, checkpoint_identity
 from .calibration import calibration_artifact, checkpoint_name, find_checkpoint, reference_checkpoints
+from .pretraining import _worker_init
 
 
 # -- 03: reduce + finetune + evaluate ------------------------------------------------------------------------------
@@ -50,6 +56,7 @@ def reduced_checkpoint(
     if done and (dest / "config.json").is_file():
         return dest, done["report"]
     model = checkpoint.load(base_ckpt)
+    progress_report(f"reduce {method} -> D={d}")
     new, report = reduce_model(model, method, d, cal, seed=seed, router=router, workers=workers)
     _, meta = checkpoint.read_config(base_ckpt)
     report_doc = report.to_dict()
@@ -98,6 +105,7 @@ def finetune_and_record(
         return done["row"]
     model = checkpoint.load(ckpt)
     tok = checkpoint.load_tokenizer(ckpt)
+    progress_report(f"finetune {name} on {task} ({cfg.stage})")
     res = finetune(
         model,
         tok,
@@ -120,6 +128,8 @@ def finetune_and_record(
         "loss": res.loss,
         "dev_accuracy": res.dev_accuracy,
         "dev_loss": res.dev_loss,
+        "n_eval": res.n_report,  # validation examples behind accuracy (its Wilson interval in the figures)
+        "top_pred_share": res.top_pred_share,  # 1.0: the model gives one answer to every example
         "best_step": res.best_step,
         "steps": res.steps,
         "seconds": round(res.seconds, 2),
@@ -209,7 +219,7 @@ def pruning_study(p) -> pd.DataFrame:
     if p.router_warmup_data == INSTRUCTIONS and cfg1 is None:
         instructions = task_data(INSTRUCTIONS, p.corpus, None, "auto", p.max_train_examples, 1, p.seed)[0]
 
-    rows = []
+    jobs = []
     for task in p.tasks:
         train, val = task_data(task, p.corpus, None, "auto", p.max_train_examples, p.max_eval_examples, p.seed)
         spec = data_spec(task, p.corpus, p.max_train_examples, p.max_eval_examples, p.seed)
@@ -224,8 +234,7 @@ def pruning_study(p) -> pd.DataFrame:
             )
 
         for ref in refs:
-            ft = (staged(ref), task, train, val, cfg, out, store, p.backbone, p.progress)
-            rows.append(finetune_and_record(*ft, spec=spec))
+            jobs.append(dict(ckpt=staged(ref), task=task, train=train, val=val, spec=spec, extra=None, warmup=None))
         cal, cal_path = calibration_artifact(
             base,
             task,
@@ -240,9 +249,42 @@ def pruning_study(p) -> pd.DataFrame:
             for d in p.targets:
                 ckpt, rep = reduced_checkpoint(base, cal, cal_path, method, d, out, p.router, p.seed, p.workers)
                 extra = {"reduce_seconds": rep["seconds"]["total"], "experts_per_layer": rep["num_experts"]}
-                ft = (staged(ckpt), task, train, val, cfg, out, store, p.backbone, p.progress, extra)
-                rows.append(finetune_and_record(*ft, spec=spec, warmup_examples=instructions))
-    return pd.DataFrame(rows)
+                jobs.append(
+                    dict(
+                        ckpt=staged(ckpt), task=task, train=train, val=val, spec=spec, extra=extra, warmup=instructions
+                    )
+                )
+    common = dict(cfg=cfg, out_dir=out, store=store, backbone=p.backbone, progress=p.progress)
+    return pd.DataFrame(run_finetunes(jobs, common, p.finetune_workers))
+
+
+def _finetune_job(job: dict[str, Any], common: dict[str, Any]) -> dict[str, Any]:
+    return finetune_and_record(
+        job["ckpt"], job["task"], job["train"], job["val"], common["cfg"], common["out_dir"], common["store"],
+        common["backbone"], common["progress"], job["extra"], spec=job["spec"], warmup_examples=job["warmup"],
+    )  # fmt: skip
+
+
+def run_finetunes(jobs: list[dict[str, Any]], common: dict[str, Any], workers: int = 1) -> list[dict[str, Any]]:
+    """finetune_and_record for every job (rows in job order). workers > 1: that many at once, each in a spawned
+    process with cpu_count // workers threads (the store takes appends from several processes)."""
+    if workers <= 1 or len(jobs) <= 1:
+        return [_finetune_job(j, common) for j in jobs]
+    workers = min(workers, len(jobs))
+    threads = max(1, (os.cpu_count() or 1) // workers)
+    progress_report(f"finetune {len(jobs)} models: {workers} at a time, {threads} thread(s) each")
+    t0 = time.perf_counter()
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(workers, mp_context=ctx, initializer=_worker_init, initargs=(threads,)) as pool:
+        futures = [pool.submit(_finetune_job, j, common) for j in jobs]
+        rows = []
+        for i, f in enumerate(futures):
+            rows.append(f.result())  # in job order; a worker's exception stops here
+            name = checkpoint_name(Path(jobs[i]["ckpt"]))
+            progress_report(
+                f"finetune {i + 1}/{len(jobs)} done: {name} on {jobs[i]['task']} ({time.perf_counter() - t0:.0f}s)"
+            )
+    return rows
 
 
 def _per_base_studies(p) -> pd.DataFrame:

@@ -9,6 +9,7 @@ import pandas as pd
 
 from .. import checkpoint
 from ..profile import model_latency, moe_layer_breakdown
+from ..progress import report as progress_report
 from ..results import accuracy_table
 from .calibration import find_checkpoint, pretrain_dir
 from .pretraining import save_table, summarize_run
@@ -41,6 +42,7 @@ def inference_profile(
 
     rows = []
     for v in variants:
+        progress_report(f"latency of {v}: batch {batch_size}, {reps} timings")
         ckpt = find_checkpoint(out_dir, v, seed)
         model = checkpoint.load(ckpt)
         run = summarize_run(pretrain_dir(out_dir, v, seed))
@@ -57,8 +59,9 @@ def inference_profile(
         if layers:
             g = torch.Generator().manual_seed(seed)
             x = torch.randn(lat["batch_size"] * lat["seq_len"], model.config.d_model, generator=g)
-            parts = moe_layer_breakdown(layers[0], x, reps)
-            row.update({f"moe_{k}_ms": round(t, 4) for k, t in parts.items()})
+            parts = moe_layer_breakdown(layers[0], x, reps, spread=True)
+            for k in [k for k in parts if not k.endswith(("_q25", "_q75"))]:  # median, then its quartiles
+                row.update({f"moe_{k}_ms{q}": round(parts[k + q], 4) for q in ("", "_q25", "_q75")})
         rows.append(row)
     return pd.DataFrame(rows)
 

@@ -149,7 +149,15 @@ def profile_study(
     seed: int = 0,
     log=print,
 ) -> InferenceStudy:
-    """Profile every finished notebook-01 variant and notebook-03 reduction of the largest variant."""
+    """Profile every finished notebook-01 variant and notebook-03 reduction of the largest variant. Each launch of
+    ranks is also a progress line on a batch run's terminal (smoe_lab.progress)."""
+    from ..progress import report
+
+    def say(msg: str, _log=log) -> None:
+        _log(msg)
+        report(f"EP profile: {msg.removeprefix('[profile] ')}")
+
+    log = say
     out = Path(out_dir)
     cfg = ProfileConfig.from_dict(ep_profile)
     names = pretrained_variants(out, seed)

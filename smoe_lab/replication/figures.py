@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import plotly.graph_objects as go
 
@@ -12,7 +14,7 @@ from .. import plots
 from ..plots import PALETTE
 from .claims import Claim
 from .stats import INCONCLUSIVE, NOT_SUPPORTED, SUPPORTED, mean_sd
-from .study import label, protocols, task_frame
+from .study import label, latest, protocols
 
 VERDICT_COLORS = {SUPPORTED: "#2ca02c", NOT_SUPPORTED: "#d62728", INCONCLUSIVE: "#7f7f7f"}
 
@@ -82,40 +84,52 @@ def figure_budget(gaps: pd.DataFrame):
     )
 
 
-def figure_task(df: pd.DataFrame, task: str, p):
-    """Accuracy vs D per method (mean ± sd over seeds), scratch models as stars, base and majority floor as lines."""
-    base = max(p.variants)
-    acc = task_frame(df, base, "accuracy")
-    fig = go.Figure()
-    if task in acc.index.get_level_values("task"):
-        t = acc.xs(task, level="task") * 100
-        for i, method in enumerate([m for m in p.methods if m in t.columns]):
-            stats = _by_d(t[method].dropna())
-            if stats:
-                d, mean, sd = zip(*stats)
-                fig.add_trace(plots.mean_sd_trace(d, mean, sd, method, line=dict(color=PALETTE[i % len(PALETTE)])))
-        if "scratch" in t.columns:
-            s = _by_d(t["scratch"].dropna())
-            ref = [x for x in s if x[0] != base]
-            if ref:
-                d, mean, sd = zip(*ref)
-                star = dict(symbol="star", size=14, color="black")
-                fig.add_trace(plots.mean_sd_trace(d, mean, sd, "trained from scratch", "markers", marker=star))
-            top = [x for x in s if x[0] == base]
-            if top:
-                fig.add_hline(y=top[0][1], line=dict(dash="dash", color="#7f7f7f"), annotation_text=f"{base}e")
-    floor = df[(df["stage"] == "floor") & (df["task"] == task) & (df["metric"] == "majority")]
-    if len(floor):
-        fig.add_hline(y=100 * floor["value"].mean(), line=dict(dash="dot", color="#bbbbbb"), annotation_text="majority")
-    ticks = sorted(set(p.targets) | set(p.variants))
-    return plots.white_layout(
-        fig,
-        f"{task}: accuracy after finetuning vs experts per layer (mean ± sd over seeds)",
-        820,
-        460,
-        xaxis=plots.experts_axis("experts per MoE layer (D; 1 = dense)", ticks),
-        yaxis_title="accuracy (%)",
+def task_rows(df: pd.DataFrame, task: str, base: int, metric: str = "accuracy", stage: str = "stage2") -> pd.DataFrame:
+    """One row per finetuned model and seed of `task` in plots.accuracy_vs_experts' layout: method ("none" for the
+    models trained from scratch, the unreduced base included), z, d, the metric, n_eval and top_pred_share (from
+    the store's extra, NaN where a row predates them)."""
+    f = latest(df[(df["metric"] == metric) & (df["stage"] == stage) & (df["task"] == task)])
+    f = f[(f["z"] == f["d"]) | (f["z"] == base)]
+    extra = [json.loads(x or "{}") for x in f["extra_json"]] if "extra_json" in f else [{}] * len(f)
+    return pd.DataFrame(
+        {
+            "task": task,
+            "method": np.where(f["z"] == f["d"], "none", f["method"]),
+            "z": f["z"].astype(int).to_numpy(),
+            "d": f["d"].astype(int).to_numpy(),
+            "seed": f["seed"].to_numpy(),
+            metric: f["value"].astype(float).to_numpy(),
+            "n_eval": [e.get("n_report", math.nan) for e in extra],
+            "top_pred_share": [e.get("top_pred_share", math.nan) for e in extra],
+        }
     )
+
+
+def figure_task(df: pd.DataFrame, task: str, p):
+    """Accuracy vs D per method (mean with its 95% t interval over seeds; Wilson for one seed), scratch models as
+    stars, the base, chance and the majority class as lines, n in the title, one-answer models crossed out."""
+    base = max(p.variants)
+    rows = task_rows(df, task, base)
+    floor = df[(df["stage"] == "floor") & (df["task"] == task)]
+    chance = floor[floor["metric"] == "chance"]["value"].mean() if len(floor) else math.nan
+    majority = floor[floor["metric"] == "majority"]["value"].mean() if len(floor) else math.nan
+    seeds = rows["seed"].nunique() if len(rows) else 0
+    ns = sorted({int(n) for n in rows["n_eval"].dropna()}) if len(rows) else []
+    n_text = f"n={ns[0]}" if len(ns) == 1 else (f"n={ns[0]}-{ns[-1]}" if ns else "n unknown")
+    fig = plots.accuracy_vs_experts(
+        rows.assign(
+            method=pd.Categorical(rows["method"], [m for m in [*p.methods, "none"] if m in set(rows["method"])])
+        )
+        if len(rows)
+        else rows,
+        task,
+        chance=None if math.isnan(chance) else chance,
+        majority=None if math.isnan(majority) else majority,
+        title=f"{task}: accuracy after finetuning vs experts per layer<br><sup>validation, {n_text} examples, "
+        f"{seeds} seed(s); bars: 95% t interval over seeds (Wilson for one seed)</sup>",
+    )
+    fig.update_xaxes(title_text="experts per MoE layer (D; 1 = dense)")
+    return fig
 
 
 def figure_claims(claims: list[Claim], k: float):

@@ -1,21 +1,23 @@
 #!/usr/bin/env python
-"""Open notebook 02's ipywidgets explorer in a real JupyterLab with headless Chromium, change the layer dropdown
-and save a screenshot before and after.
+"""Open notebook 02's ipywidgets explorer in a real JupyterLab with headless Chromium, drive every control (layer,
+target D to 1 and to Z, every method, the t-SNE layout) and check that each change draws new figures without error.
 
     .venv/bin/python tests/browser/explorer_screenshot.py --out runs/browser
 
 What it does (see tests/browser/README.md):
 
 1. `smoe-lab data prepare` (seconds when already done) and notebook 01 with the CI parameters but a 4-block model
-   (2 MoE layers) and only the 4-expert variant, into a temporary run folder;
+   (2 MoE layers) and only the 8-expert variant, into a temporary run folder;
 2. a copy of notebooks/02_clusters.ipynb parameterised by papermill without executing it (out_dir = that run,
-   interactive = True);
+   interactive = True, variant = "8e");
 3. JupyterLab on a free 127.0.0.1 port with a random token, isolated settings (no news/update check, no
    notebook windowing) and the user's own Jupyter config left alone;
 4. headless Chromium through Selenium and /usr/bin/chromedriver: Run > Run All Cells, wait for the explorer
    (layer dropdown, target-D slider, method toggle, info line, three plotly figures), screenshot, choose
    "MoE layer 1" in the dropdown, wait until the kernel has redrawn (info line "layer 1 ...", new figures titled
-   "Layer 1: ..."), screenshot;
+   "Layer 1: ..."), screenshot; then D = 1, D = Z, D = 3 through the slider's readout, a click on every method and
+   on the other t-SNE layout, each followed by the same wait and a check that the figures changed and the info line
+   shows no error;
 5. writes <out>/result.json, shuts the server down (its kernels with it) and exits non-zero on any failure
    (with <out>/failure.png and <out>/jupyterlab.log to look at).
 
@@ -44,15 +46,18 @@ NOTEBOOK = REPO / "notebooks" / "02_clusters.ipynb"
 BROWSERS = ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable")
 DRIVERS = ("chromedriver",)
 
-# Notebook 01 with the CI parameters, but 4 blocks (MoE in blocks 0 and 2 -> 2 MoE layers) and no dense variant.
-PIPELINE_YAML = """\
+# Notebook 01 with the CI parameters, but 4 blocks (MoE in blocks 0 and 2 -> 2 MoE layers), 8 experts, no dense.
+Z = 8
+VARIANT = f"{Z}e"
+PIPELINE_YAML = f"""\
 name: browser
 base: ci
 notebooks:
   01_pretrain:
-    model_overrides: {n_layer: 4, d_model: 64, n_head: 2, d_ff: 128}
-    variants: [4]
+    model_overrides: {{n_layer: 4, d_model: 64, n_head: 2, d_ff: 128}}
+    variants: [{Z}]
 """
+ERROR_MARK = "redraw failed"  # smoe_lab.widgets.ERROR_MARK: the info line after a redraw that raised
 
 # JupyterLab user settings for the test server: no news / update pop-ups, every cell in the DOM (no windowing).
 LAB_SETTINGS = {
@@ -69,12 +74,14 @@ const ind = panel.querySelector('.jp-Notebook-ExecutionIndicator');
 const kname = panel.querySelector('.jp-Toolbar-kernelName');
 const errors = [...panel.querySelectorAll('.jp-OutputArea-output[data-mime-type="application/vnd.jupyter.stderr"]')]
   .map(txt).filter(t => /Traceback|Error/.test(t));
-const sel = panel.querySelector('.widget-dropdown select');
-const box = sel ? sel.closest('.widget-vbox') : null;
+const box = panel.querySelector('.smoe-explorer');
+const sel = box ? box.querySelector('.widget-dropdown select') : null;
 const info = box ? [...box.querySelectorAll('.widget-html-content')].map(txt)
   .find(t => t.startsWith('layer ')) : null;
-const out = box ? box.querySelector('.widget-output') : null;
-const plots = out ? [...out.querySelectorAll('.js-plotly-plot')] : [];
+const plots = box ? [...box.querySelectorAll('.widget-output .js-plotly-plot')] : [];
+const toggles = box ? [...box.querySelectorAll('.smoe-method .widget-toggle-button')] : [];
+const layouts = box ? [...box.querySelectorAll('.smoe-layout .widget-toggle-button')] : [];
+const readout = box ? box.querySelector('.widget-slider .widget-readout, .widget-hslider .widget-readout') : null;
 return {
   panel: true,
   kernel: ind ? ind.getAttribute('data-status') : null,
@@ -83,18 +90,23 @@ return {
   options: sel ? [...sel.options].map(txt) : [],
   selected: sel ? txt(sel.options[sel.selectedIndex]) : null,
   slider: box ? !!box.querySelector('.widget-slider, .widget-hslider') : false,
-  toggles: box ? [...box.querySelectorAll('.widget-toggle-button')].map(txt) : [],
+  slider_value: readout ? txt(readout) : null,
+  toggles: toggles.map(txt),
+  active: toggles.filter(b => b.classList.contains('mod-active')).map(txt),
+  layouts: layouts.map(txt),
+  layout: layouts.filter(b => b.classList.contains('mod-active')).map(txt),
   info: info || null,
   plots: plots.length,
   drawn: plots.filter(p => p.querySelector('.main-svg')).length,
   titles: plots.map(p => { const t = p.querySelector('.gtitle'); return t ? txt(t) : ''; }),
+  legends: plots.map(p => [...p.querySelectorAll('.legendtext')].map(txt).join('|')),
   stale: (window.__oldPlots || []).filter(p => document.body.contains(p)).length,
 };
 """
 
 # Bring the explorer (controls + figures) to the top of the notebook's viewport, with a little room above it.
 SCROLL_JS = """
-const box = arguments[0].closest('.widget-vbox');
+const box = arguments[0].closest('.smoe-explorer');
 box.scrollIntoView({block: 'start'});
 const scroller = box.closest('.jp-WindowedPanel-outer');
 if (scroller) scroller.scrollTop = Math.max(0, scroller.scrollTop - 48);
@@ -162,8 +174,8 @@ def prepare_notebook(work: Path, deadline: Deadline) -> Path:
     smoe = [sys.executable, "-m", "smoe_lab"]
     _run([*smoe, "data", "prepare", "--recipe", "tiny"], deadline)
     _run([*smoe, "run", "--params", str(pipeline), "--out-dir", str(run_dir), "--only", "01_pretrain"], deadline)
-    if not (run_dir / "pretrain" / "4e-s0").is_dir():
-        raise RuntimeError(f"notebook 01 did not write {run_dir / 'pretrain' / '4e-s0'}")
+    if not (run_dir / "pretrain" / f"{VARIANT}-s0").is_dir():
+        raise RuntimeError(f"notebook 01 did not write {run_dir / 'pretrain' / f'{VARIANT}-s0'}")
 
     import papermill as pm
 
@@ -173,7 +185,7 @@ def prepare_notebook(work: Path, deadline: Deadline) -> Path:
     pm.execute_notebook(
         str(NOTEBOOK),
         str(nb),
-        parameters={"out_dir": str(run_dir), "interactive": True},
+        parameters={"out_dir": str(run_dir), "interactive": True, "variant": VARIANT},
         prepare_only=True,
         kernel_name="python3",
         progress_bar=False,
@@ -309,6 +321,66 @@ def _click_menu(driver, menu: str, item: str) -> None:
     driver.find_element(By.XPATH, "//ul[contains(@class,'lm-Menu-content')]" + by_label("Menu", item)).click()
 
 
+def _remember_plots(driver, sel) -> None:
+    """Mark the figures now on the page: a redraw is complete once none of them is left (`stale` == 0)."""
+    driver.execute_script(
+        "window.__oldPlots = [...arguments[0].closest('.smoe-explorer').querySelectorAll('.js-plotly-plot')];", sel
+    )
+
+
+def _signature(state: dict) -> list:
+    return [state.get("titles"), state.get("legends")]
+
+
+def _wait_redraw(driver, what: str, previous: dict, deadline: Deadline, cond, limit: float = 120) -> dict:
+    """Wait until the explorer has redrawn: cond holds, every old figure is gone, three new ones are drawn, the
+    kernel is idle; then require the figures to differ from `previous` and no error in the info line."""
+
+    def done(s: dict) -> bool:
+        if ERROR_MARK in (s.get("info") or ""):
+            raise RuntimeError(f"{what}: the explorer reported an error: {s['info']}")
+        return cond(s) and s.get("stale") == 0 and s.get("drawn") == 3 and s.get("kernel") == "idle"
+
+    state = _wait(driver, what, done, deadline, limit)
+    if _signature(state) == _signature(previous):
+        raise RuntimeError(f"{what}: the figures did not change: {json.dumps(_signature(state))}")
+    return state
+
+
+def _set_slider(driver, value: int) -> None:
+    """Type a value into the target-D slider's readout and press Enter (what a user can do; continuous_update is
+    off, so this is one change)."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    readout = driver.find_element(
+        By.CSS_SELECTOR, ".jp-NotebookPanel:not(.lm-mod-hidden) .smoe-explorer .widget-readout"
+    )
+    readout.click()
+    readout.send_keys(Keys.CONTROL, "a")
+    readout.send_keys(str(value), Keys.ENTER)
+
+
+def _click_toggle(driver, label: str, group: str = "smoe-method") -> None:
+    from selenium.webdriver.common.by import By
+
+    buttons = driver.find_elements(
+        By.CSS_SELECTOR, f".jp-NotebookPanel:not(.lm-mod-hidden) .smoe-explorer .{group} .widget-toggle-button"
+    )
+    match = [b for b in buttons if b.text.replace("\u00a0", " ").strip() == label]
+    if not match:
+        raise RuntimeError(f"no toggle button {label!r} among {[b.text for b in buttons]}")
+    match[0].click()
+
+
+def _screenshot(driver, sel, path: Path, result: dict, key: str) -> None:
+    driver.execute_script(SCROLL_JS, sel)
+    time.sleep(1.0)  # let plotly finish its resize after the scroll
+    driver.save_screenshot(str(path))
+    result["screenshots"][key] = str(path)
+    log(f"screenshot {path}")
+
+
 def drive(lab: LabServer, nb: Path, out: Path, args, deadline: Deadline) -> dict:
     from selenium.common.exceptions import (
         ElementClickInterceptedException,
@@ -357,41 +429,65 @@ def drive(lab: LabServer, nb: Path, out: Path, args, deadline: Deadline) -> dict
         log(f"explorer drawn ({result['t_run_all_s']} s): {before['info']}")
         if len(before["options"]) < 2:
             raise RuntimeError(f"expected >= 2 MoE layers in the dropdown, got {before['options']}")
-        sel = driver.find_element(By.CSS_SELECTOR, ".jp-NotebookPanel:not(.lm-mod-hidden) .widget-dropdown select")
-        driver.execute_script(SCROLL_JS, sel)
-        time.sleep(1.0)  # let plotly finish its resize after the scroll
-        shot0 = out / "explorer_layer0.png"
-        driver.save_screenshot(str(shot0))
-        result["screenshots"]["layer0"] = str(shot0)
-        log(f"screenshot {shot0}")
+        sel = driver.find_element(
+            By.CSS_SELECTOR, ".jp-NotebookPanel:not(.lm-mod-hidden) .smoe-explorer .widget-dropdown select"
+        )
+        _screenshot(driver, sel, out / "explorer_layer0.png", result, "layer0")
 
         # Change the dropdown like a user would; remember the figures on the page to see them replaced.
-        driver.execute_script(
-            "window.__oldPlots = [...arguments[0].closest('.widget-vbox').querySelectorAll('.js-plotly-plot')];", sel
-        )
         t0 = time.monotonic()
+        _remember_plots(driver, sel)
         Select(sel).select_by_index(1)
-        after = _wait(
-            driver,
-            "the redraw for layer 1",
-            lambda s: (
-                (s.get("info") or "").startswith("layer 1")
-                and s.get("stale") == 0
-                and s.get("drawn") == 3
-                and all(t.startswith("Layer 1") for t in s.get("titles", []))
-                and s.get("kernel") == "idle"
-            ),
-            deadline,
-            120,
-        )
+        after = _wait_redraw(
+            driver, "the redraw for layer 1", before, deadline,
+            lambda s: (s.get("info") or "").startswith("layer 1")
+            and all(t.startswith("Layer 1") for t in s.get("titles", [])),
+        )  # fmt: skip
         result["t_redraw_s"] = round(time.monotonic() - t0, 1)
         log(f"redrawn ({result['t_redraw_s']} s): {after['info']}")
-        driver.execute_script(SCROLL_JS, sel)
-        time.sleep(1.0)
-        shot1 = out / "explorer_layer1.png"
-        driver.save_screenshot(str(shot1))
-        result["screenshots"]["layer1"] = str(shot1)
-        log(f"screenshot {shot1}")
+        _screenshot(driver, sel, out / "explorer_layer1.png", result, "layer1")
+
+        # The target-D slider to its ends (1 and Z) and back, then every method, each a redraw of new figures.
+        steps, state = [], after
+        for d in (1, Z, 3):
+            t0 = time.monotonic()
+            _remember_plots(driver, sel)
+            _set_slider(driver, d)
+            state = _wait_redraw(
+                driver, f"the redraw for D={d}", state, deadline,
+                lambda s, d=d: f"-> D={d} with" in (s.get("info") or "") and s.get("slider_value") == str(d),
+            )  # fmt: skip
+            steps.append({"control": "D", "value": d, "t_s": round(time.monotonic() - t0, 1), "state": state})
+            log(f"D={d} redrawn ({steps[-1]['t_s']} s): {state['info'][:120]}")
+            if d == 1:
+                _screenshot(driver, sel, out / "explorer_d1.png", result, "d1")
+        for method in [m for m in state["toggles"] if m not in state["active"]] + state["active"]:
+            t0 = time.monotonic()
+            _remember_plots(driver, sel)
+            _click_toggle(driver, method)
+            state = _wait_redraw(
+                driver, f"the redraw for method {method}", state, deadline,
+                lambda s, m=method: f"with {m}" in (s.get("info") or "") and s.get("active", [None])[0] == m,
+            )  # fmt: skip
+            steps.append({"control": "method", "value": method, "t_s": round(time.monotonic() - t0, 1), "state": state})
+            log(f"method {method} redrawn ({steps[-1]['t_s']} s): {state['info'][:120]}")
+            if method == "mcsmoe":
+                _screenshot(driver, sel, out / "explorer_mcsmoe.png", result, "mcsmoe")
+        # The other t-SNE layout (re-embedded per D instead of fixed per layer).
+        other = [x for x in state["layouts"] if x not in state["layout"]]
+        if other:
+            t0 = time.monotonic()
+            _remember_plots(driver, sel)
+            _click_toggle(driver, other[0], "smoe-layout")
+            state = _wait_redraw(
+                driver, f"the redraw for t-SNE layout {other[0]}", state, deadline,
+                lambda s, x=other[0]: s.get("layout", [None])[0] == x,
+            )  # fmt: skip
+            steps.append(
+                {"control": "layout", "value": other[0], "t_s": round(time.monotonic() - t0, 1), "state": state}
+            )
+            log(f"layout {other[0]} redrawn ({steps[-1]['t_s']} s)")
+        result["steps"] = steps
         result.update(before=before, after=after)
         return result
     except BaseException:
@@ -432,7 +528,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the temporary work dir")
     p.add_argument("--timeout", type=float, default=600, help="overall limit in seconds")
     p.add_argument("--run-timeout", type=float, default=420, help="limit for Run All Cells until the explorer shows")
-    p.add_argument("--window", default="1440x1900", help="browser window WIDTHxHEIGHT")
+    p.add_argument("--window", default="1440x1000", help="browser window WIDTHxHEIGHT")
     p.add_argument("--chromium", default=None, help="browser binary (default: $CHROMIUM or chromium on PATH)")
     p.add_argument("--chromedriver", default=None, help="driver binary (default: $CHROMEDRIVER or on PATH)")
     args = p.parse_args(argv)
@@ -450,7 +546,8 @@ def main(argv: list[str] | None = None) -> int:
     deadline = Deadline(args.timeout)
     out = Path(args.out).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    for stale in ("explorer_layer0.png", "explorer_layer1.png", "failure.png", "result.json"):
+    for stale in ("explorer_layer0.png", "explorer_layer1.png", "explorer_d1.png", "explorer_mcsmoe.png", "failure.png",
+                  "result.json"):  # fmt: skip
         (out / stale).unlink(missing_ok=True)
     work = Path(args.work_dir).resolve() if args.work_dir else Path(tempfile.mkdtemp(prefix="smoe-browser-"))
     work.mkdir(parents=True, exist_ok=True)

@@ -1,4 +1,5 @@
-"""Notebook 02's explorer in a real JupyterLab + headless Chromium: the layer dropdown redraws (see README.md here).
+"""Notebook 02's explorer in a real JupyterLab + headless Chromium: the layer dropdown, the target-D slider (to 1 and
+to Z) and every method of the toggle redraw new figures without an error (see README.md here).
 
 Skipped, with the reason, where chromium, chromedriver, selenium or jupyterlab is missing, unless the install must
 have them (SMOE_LAB_REQUIRE=browser, set by .ci/run): then it fails. Deselect with `-m "not browser"`.
@@ -30,8 +31,9 @@ def _script():
 
 
 @pytest.mark.browser
-def test_layer_dropdown_redraws_in_jupyterlab(tmp_path):
-    missing = _script().missing_requirements()
+def test_explorer_controls_redraw_in_jupyterlab(tmp_path):
+    script = _script()
+    missing = script.missing_requirements()
     if missing:
         required.missing("browser", "browser test needs: " + "; ".join(missing))
     out = tmp_path / "browser"
@@ -57,11 +59,28 @@ def test_layer_dropdown_redraws_in_jupyterlab(tmp_path):
     assert before["info"].startswith("layer 0") and after["info"].startswith("layer 1")
     assert before["selected"].startswith("MoE layer 0") and after["selected"].startswith("MoE layer 1")
     assert len(before["options"]) == 2  # the 4-block model has two MoE layers
+    assert all(f"(Z={script.Z})" in o for o in before["options"])
     assert before["slider"] and "uncurl" in before["toggles"]
     assert before["drawn"] == after["drawn"] == 3
     assert all(t.startswith("Layer 0") for t in before["titles"])
     assert all(t.startswith("Layer 1") for t in after["titles"])
-    for key in ("layer0", "layer1"):
+    from smoe_lab.reduce.methods import METHODS
+
+    assert sorted(before["toggles"]) == sorted(METHODS)
+    steps = result["steps"]
+    assert [s["value"] for s in steps if s["control"] == "D"] == [1, script.Z, 3]  # both ends of the slider
+    assert sorted(s["value"] for s in steps if s["control"] == "method") == sorted(METHODS)  # every method
+    assert [s["control"] for s in steps].count("layout") == 1
+    previous = after
+    for step in steps:  # each one a redraw: three new figures, different from the last ones, no error
+        st = step["state"]
+        assert st["drawn"] == 3 and st["stale"] == 0 and not st["errors"], step["value"]
+        assert script.ERROR_MARK not in st["info"] and st["info"].startswith("layer 1"), step["value"]
+        assert [st["titles"], st["legends"]] != [previous["titles"], previous["legends"]], step["value"]
+        previous = st
+    mcsmoe = next(s["state"] for s in steps if s["value"] == "mcsmoe")
+    assert "global budget 3 x 2 layers = 6" in mcsmoe["info"]
+    for key in ("layer0", "layer1", "d1", "mcsmoe"):
         png = Path(result["screenshots"][key])
         assert png.is_file() and png.parent == out
         data = png.read_bytes()
