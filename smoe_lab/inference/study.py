@@ -18,6 +18,7 @@ import pandas as pd
 from .. import checkpoint
 from ..experiments import pretrain_dir, pretrained_variants, summarize_run
 from ..model import GPT
+from ..progress import report
 from ..results import ResultsStore
 from .ep_profile import ProfileConfig, checkpoint_models, read_layers, run_profile
 from .scaling import S_BASE, dense_equivalent_table
@@ -151,7 +152,6 @@ def profile_study(
 ) -> InferenceStudy:
     """Profile every finished notebook-01 variant and notebook-03 reduction of the largest variant. Each launch of
     ranks is also a progress line on a batch run's terminal (smoe_lab.progress)."""
-    from ..progress import report
 
     def say(msg: str, _log=log) -> None:
         _log(msg)
