@@ -528,9 +528,10 @@ def accuracy_vs_experts(
             annotation_position="bottom left",
         )  # fmt: skip
     if majority is not None and np.isfinite(majority):
-        fig.add_hline(
-            y=majority, line=dict(dash="dot", color="#ff7f0e"), annotation_text=f"majority class {majority:.3f}",
-            annotation_position="top", annotation_font_color="#ff7f0e",
+        fig.add_hline(y=majority, line=dict(dash="dot", color="#ff7f0e"))
+        fig.add_annotation(  # between the first two D ticks of the log axis: clear of the points
+            x=0.3, xref="paper", y=majority, yanchor="bottom", showarrow=False, font=dict(color="#ff7f0e"),
+            text=f"majority class {majority:.3f}",
         )  # fmt: skip
     ticks = sorted(set(df["d"].tolist()) | ({z_max} if z_max else set()))
     ns = sorted(x for x in n_seen if x)
