@@ -99,7 +99,10 @@ def _init_deepspeed():
         os.environ.setdefault(k, v)
     import deepspeed
 
+    from smoe_lab.ds import jit
+
     if not torch.distributed.is_initialized():
+        jit.prepare()  # no stale JIT build lock (DeepSpeed would wait for it for ever), ninja on PATH
         deepspeed.init_distributed(dist_backend="gloo" if not torch.cuda.is_available() else "nccl", verbose=False)
 
 

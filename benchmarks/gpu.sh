@@ -6,7 +6,7 @@
 #      DeepSpeed-MoE, against dense and the ideal stacked layer (benchmarks/bench_moe.py)
 #   3. a training step of the 354M model, dense and 8 experts, bf16: tokens/s and peak memory (bench_train.py)
 # The fastest native path per expert count is printed at the end of step 2: set it as
-# smoe_lab.moe.CUDA_DEFAULT_PATH (or export SMOE_LAB_MOE_PATH) when it is not "padded".
+# smoe_lab/moe_experts.py CUDA_DEFAULT_PATH (or export SMOE_LAB_MOE_PATH) when it is not "padded".
 #
 #   bash benchmarks/gpu.sh [OUT_DIR]        # default runs/gpu; the report is OUT_DIR/gpu_bench.md
 #   GPU_SH_SMOKE=1 bash benchmarks/gpu.sh   # tiny sizes on CPU, no DeepSpeed: checks that every step runs (CI)

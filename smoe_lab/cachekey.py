@@ -24,6 +24,9 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
+from .data.corpus import RECIPES
+from .paths import prepared_dir
+
 SOURCE_DIR = Path(__file__).resolve().parent  # what source_hash reads (tests point it at a modified copy)
 KEY_VERSION = 1
 _file_memo: dict[tuple[str, int, int], str] = {}
@@ -133,9 +136,6 @@ def corpus_key(spec: Any) -> str:
 
     An unprepared recipe keys as "unprepared:<name>" (whatever prepares it later changes the key).
     """
-    from .data.corpus import RECIPES
-    from .paths import prepared_dir
-
     if spec is None:
         return "none"
     p = Path(str(spec)).expanduser()

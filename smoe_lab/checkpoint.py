@@ -20,9 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -30,8 +27,18 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from . import faults
+from . import hf
+from .atomic import (  # noqa: F401  (checkpoint.atomic_dir, atomic_write_text, recover stay public here)
+    atomic_dir,
+    atomic_write_text,
+    fsync_dir,
+    fsync_tree,
+    recover,
+)
 from .config import ModelConfig
+from .data.tokenizer import load_tokenizer as _load
+from .hf.source import is_hf_source
+from .model import GPT
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.json"
@@ -48,97 +55,6 @@ def _state_for_saving(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return state
 
 
-def fsync_dir(folder: Path) -> None:
-    """Make a folder's entries (created, renamed files) durable."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_tree(root: Path) -> None:
-    """fsync every file and folder under root (deepest first), then root itself."""
-    for dirpath, _, filenames in os.walk(root, topdown=False):
-        for name in filenames:
-            with open(Path(dirpath) / name, "rb") as f:
-                os.fsync(f.fileno())
-        fsync_dir(Path(dirpath))
-
-
-def _old(path: Path) -> Path:
-    return path.parent / f".{path.name}.old"
-
-
-def _tmp_prefix(path: Path) -> str:
-    return f".{path.name}.tmp-"
-
-
-def recover(path: str | Path) -> None:
-    """Finish an interrupted replacement of the checkpoint folder `path` (see the module docstring)."""
-    path = Path(path)
-    old = _old(path)
-    if not old.exists():
-        return
-    if path.exists():
-        shutil.rmtree(old, ignore_errors=True)  # the new checkpoint landed; the old copy is stale
-    else:
-        os.replace(old, path)  # the new one never landed: the previous checkpoint is the valid one
-        fsync_dir(path.parent)
-
-
-def atomic_dir(path: Path):
-    """Context helper: yields a temp folder beside `path`; on success it replaces `path` (see module docstring)."""
-
-    class _Atomic:
-        def __enter__(self_inner) -> Path:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            recover(path)
-            for stale in path.parent.glob(_tmp_prefix(path) + "*"):  # left by a writer that was killed
-                shutil.rmtree(stale, ignore_errors=True)
-            self_inner.tmp = Path(tempfile.mkdtemp(prefix=_tmp_prefix(path), dir=path.parent))
-            return self_inner.tmp
-
-        def __exit__(self_inner, exc_type, exc, tb) -> bool:
-            if exc_type is not None:
-                shutil.rmtree(self_inner.tmp, ignore_errors=True)
-                return False
-            fsync_tree(self_inner.tmp)
-            faults.hit("save-written")
-            old = _old(path)
-            if path.exists():
-                os.replace(path, old)
-                fsync_dir(path.parent)
-                faults.hit("save-swapped")
-            os.replace(self_inner.tmp, path)
-            fsync_dir(path.parent)
-            if old.exists():
-                shutil.rmtree(old, ignore_errors=True)
-            return False
-
-    return _Atomic()
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write a text file atomically (temp file in the same folder, fsync, rename, fsync the folder)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    fsync_dir(path.parent)
-
-
 def save(
     model: torch.nn.Module,
     path: str | Path,
@@ -151,8 +67,6 @@ def save(
     With a tokenizer the checkpoint is self-contained: `load_tokenizer(path)` needs nothing else.
     """
     if getattr(model, "hf_family", None) is not None:  # a Hugging Face model: a transformers folder
-        from . import hf
-
         return hf.save(model, path, tokenizer=tokenizer, train_state=train_state, **meta)
     path = Path(path)
     with atomic_dir(path) as tmp:
@@ -167,16 +81,12 @@ def save(
 
 
 def _hf(path) -> bool:
-    from .hf.source import is_hf_source
-
     return is_hf_source(path)
 
 
 def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, Any]]:
     """(config, meta) of a checkpoint folder; for an HF folder or hub id (smoe_lab.hf.HFConfig, meta)."""
     if _hf(path):
-        from . import hf
-
         return hf.read_config(path)
     path = Path(path)
     recover(path)
@@ -217,11 +127,7 @@ def load_weights_into(model: torch.nn.Module, state: dict[str, torch.Tensor], so
 
 def load(path: str | Path, device: str | torch.device = "cpu"):
     """Load a checkpoint folder into a new GPT model (eval mode); an HF folder or hub id into smoe_lab.hf's adapter."""
-    from .model import GPT
-
     if _hf(path):
-        from . import hf
-
         return hf.load(path, device=device)
 
     path = Path(path)
@@ -243,11 +149,7 @@ def load(path: str | Path, device: str | torch.device = "cpu"):
 def load_tokenizer(path: str | Path):
     """The tokenizer saved with a checkpoint (or, for older checkpoints, the one of the corpus it was trained on);
     for an HF folder or hub id the model's own tokenizer."""
-    from .data.tokenizer import load_tokenizer as _load
-
     if _hf(path):
-        from . import hf
-
         return hf.load_tokenizer(path)
 
     path = Path(path)
@@ -290,8 +192,6 @@ def load_train_state(path: str | Path) -> dict[str, Any] | None:
 def checkpoint_hash(path: str | Path) -> str:
     """sha256 of the weights file: identifies the exact model a calibration artifact was made from."""
     if _hf(path):
-        from . import hf
-
         return hf.checkpoint_hash(path)
     path = Path(path)
     recover(path)

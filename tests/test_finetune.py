@@ -168,6 +168,12 @@ def test_reduced_model_gets_router_warmup_first(tok, tmp_path):
         progress=False,
     )
     assert res.router_warmup is not None and res.router_warmup["steps"] == 2
+    # the warm-up runs the same step loop as fit: its rows carry the gradient norm and the router telemetry
+    rows = read_metrics(tmp_path / "router_warmup.jsonl")
+    assert [(r["kind"], r["step"]) for r in rows] == [("router_warmup", 1), ("router_warmup", 2)]
+    assert all(r["grad_norm"] > 0 and len(r["entropy_ratio"]) == 1 and r["lr"] == 1e-4 for r in rows)
+    assert rows[0]["loss"] == pytest.approx(res.router_warmup["first_loss"], abs=1e-6)
+    assert res.router_warmup["grad_norm"] == rows[-1]["grad_norm"]
     cfg = _cfg(steps=1, router_warmup_steps=2)
     plain = finetune(_model(tok, num_experts=4), tok, animal_task(32, 0), animal_task(8, 1), cfg, tmp_path / "b")
     assert plain.router_warmup is None  # not reduced, router_warmup_on="reduced"

@@ -141,6 +141,12 @@ def test_ci_pipeline_end_to_end(tmp_path):
     readouts = ResultsStore(out / "results.sqlite").rows(stage="zeroshot", task="corpus:val_news")
     assert {"lm_loss", "recon_routed", "recon_mapped"} <= set(readouts["metric"])
     assert len(readouts[readouts["metric"] == "recon_mapped"]) == 2  # uncurl and freq_prune, 4e -> 2e
+    # 05 stored router health and the readouts per seed, and reported them
+    rep = ResultsStore(out / "replication" / "results.sqlite").rows()
+    assert set(rep[rep["stage"] == "router"]["d"]) == {2, 4} and (rep["task"] == "corpus:val_news").any()
+    report = (out / "replication" / "replication.md").read_text()
+    assert "## Router health of every model" in report and "## Readouts without finetuning" in report
+    assert report.count("**What changed against the first study.**") == 5
     table = (out / "tables" / "pretrain.csv").read_text().splitlines()
     assert table[0].startswith("model,params,active_params") and len(table) == 3
     # a second run skips every notebook: outputs are up to date

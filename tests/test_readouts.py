@@ -70,3 +70,78 @@ def test_domain_lm_loss_is_the_token_weighted_window_loss(corpus, tiny_cfg):
         _, want, _ = model(buf[:, :-1], buf[:, 1:])
     assert got["tokens"] == 5 * 32 and got["loss"] == pytest.approx(float(want), rel=1e-5)
     assert got["drop_frac"] == 0.0
+
+
+# -- the replication study's stages: router health of every model, the readouts per seed -------------------------
+def test_replication_router_health_and_readout_stages(tmp_path):
+    import json
+
+    from smoe_lab import checkpoint, paths
+    from smoe_lab import replication as R
+    from smoe_lab.notebook_params import ReplicationNotebook
+    from smoe_lab.router_health import router_health
+
+    p = ReplicationNotebook.from_yaml(
+        paths.params_dir() / "05_replication" / "ci.yaml",
+        out_dir=str(tmp_path),
+        seeds=[0],
+        methods=["uncurl", "freq_prune"],
+        zero_shot_tasks=[],
+        ablation_tokens=[],
+    )
+    R.pretrain_all(p)
+    R.pretraining_losses(p)
+    store = R.load_store(p)
+    h = R.health_frame(store.rows())
+    assert sorted(set(h["d"])) == [2, 4] and set(h["field"]) == {
+        "entropy_ratio",
+        "top1_gate",
+        "max_share",
+        "min_share",
+        "drop_frac",
+    }
+    # the stored health of the 4e model = router_health over the same windows under the paper's protocol
+    ckpt = tmp_path / "replication" / "pretrain" / "4e-s0" / "checkpoint"
+    model = checkpoint.load(ckpt).eval()
+    val = open_corpus(prepare("tiny")).split("val")
+    proto = R.protocols(p)[0]
+    starts = R.eval_windows(len(val), model.config.block_size, p.eval_windows)
+    probs, routed, processed = [], 0, 0
+    for m in model.moe_layers():
+        m.capacity_factor_eval, m.drop_tokens = proto.capacity_factor, proto.drop_tokens
+    with torch.no_grad():
+        for i in range(0, len(starts), proto.batch_size):
+            s = starts[i : i + proto.batch_size]
+            x = torch.from_numpy(np.asarray(val[s[:, None] + np.arange(model.config.block_size)], dtype=np.int64))
+            model(x)
+            (t,) = [t for t in model.telemetry() if t is not None]  # the one MoE layer (every other block)
+            probs.append(t.router_probs)
+            routed, processed = routed + t.routed_counts, processed + t.processed_counts
+    want = router_health(torch.cat(probs), routed, processed)
+    got = h[(h["d"] == 4) & (h["layer"] == 0)].set_index("field")["value"]
+    assert got["entropy_ratio"] == pytest.approx(want.entropy_ratio, abs=1e-9)
+    assert got["top1_gate"] == pytest.approx(want.top1_gate, abs=1e-9)
+    assert got["max_share"] == pytest.approx(want.max_share) and got["drop_frac"] == pytest.approx(want.drop_frac)
+    assert 0 < got["drop_frac"] < 1 and want.num_tokens == len(starts) * model.config.block_size
+
+    rows = R.readouts(p)
+    # every variant (the unreduced 4e, the scratch 2e, dense) and both reductions 4e -> 2e, on news
+    assert len(rows) == 3 + 2 and set(rows["domain"]) == {"news"}
+    df = store.rows(stage="zeroshot", task="corpus:val_news")
+    base = df[(df["z"] == 4) & (df["d"] == 4) & (df["metric"] == "lm_loss")]["value"]
+    direct = domain_lm_loss(model, open_corpus(prepare("tiny")).split("val_news"), 8, p.readout_eval_windows)
+    assert len(base) == 1 and float(base.iloc[0]) == pytest.approx(direct["loss"], rel=1e-6)
+    rec = df[df["metric"] == "recon_mapped"]
+    assert sorted(rec["method"]) == ["freq_prune", "uncurl"] and (rec["value"] >= 0).all()
+    for r in rec.itertuples():
+        layers = json.loads(r.extra_json)["recon_mapped_layers"]
+        assert len(layers) == 1 and layers[0] == pytest.approx(r.value, abs=1e-6)
+    lm = R.readout_frame(store.rows(), 4)
+    assert (
+        set(lm.columns) == {"scratch", "uncurl", "freq_prune"} and lm.index.get_level_values("d").tolist().count(2) == 1
+    )
+    # idempotent: a second execution measures nothing again
+    n = len(store.rows())
+    again = R.readouts(p)
+    assert len(store.rows()) == n + 1  # only the stage's wall-time row
+    assert again.drop(columns="seed").equals(rows.drop(columns="seed"))

@@ -130,13 +130,15 @@ def test_lm_loss_protocols_fixed_windows_and_restored_settings():
 
 
 # -- the report from a hand-made results store ---------------------------------------------------------------------
-def _fill_store(store: ResultsStore, p, uncurl_acc=0.66, skip=(), majority=None):
+def _fill_store(store: ResultsStore, p, uncurl_acc=0.66, skip=(), majority=None, scratch_acc=None, uncurl_by_d=None):
     """Rows as the study writes them: pretraining losses (dense > 8e > 32e), curves, floors, task accuracies and
-    validation losses. skip: (task, seed, method, d) finetuning results to leave out."""
+    validation losses. skip: (task, seed, method, d) finetuning results to leave out. scratch_acc {e: accuracy} and
+    uncurl_by_d {d: accuracy} replace the default accuracies of those models."""
     rng = np.random.default_rng(0)
     rows = []
+    losses = {e: {1: 5.00, 8: 4.90, 32: 4.80}.get(e, 5.0 - 0.04 * math.log2(e)) for e in p.variants}
     for s in p.seeds:
-        for e, loss in ((1, 5.00), (8, 4.90), (32, 4.80)):
+        for e, loss in losses.items():
             ident = dict(base_model="tiny", method="none", z=e, d=e, task=R.PRETRAIN_TASK, seed=s)
             for proto in R.protocols(p):
                 v = loss + rng.normal(0, 0.005) + (0.05 if proto.drop_tokens and e > 1 else 0.0)
@@ -158,9 +160,14 @@ def _fill_store(store: ResultsStore, p, uncurl_acc=0.66, skip=(), majority=None)
             for metric, v in (("chance", 0.25), ("majority", (majority or {}).get(task, 0.30))):
                 floor = dict(base_model="tiny", method="none", z=1, d=1, task=task, stage="floor", seed=s)
                 rows.append({**floor, "metric": metric, "value": v})
-            models = [("none", e, e, 0.40 + 0.15 * (e == 8) + 0.2 * (e == 32)) for e in (1, 8, 32)]
+            default = {e: 0.40 + 0.15 * (e == 8) + 0.2 * (e == 32) for e in p.variants}
+            models = [("none", e, e, {**default, **(scratch_acc or {})}[e]) for e in p.variants]
             acc = {"uncurl": uncurl_acc, "freq_prune": 0.50, "freq_merge": 0.55, "mcsmoe": 0.655, "hybrid": 0.66}
-            models += [(m, 32, d, a) for m, a in acc.items() for d in p.targets]
+            models += [
+                (m, 32, d, (uncurl_by_d or {}).get(d, a) if m == "uncurl" else a)
+                for m, a in acc.items()
+                for d in p.targets
+            ]
             for method, z, d, a in models:
                 if (task, s, method, d) in skip:
                     continue
@@ -250,6 +257,156 @@ def test_floor_rule_leaves_out_a_task_no_model_learns(tmp_path):
     assert set(every["c"].parts[0].cells["task"]) == {"cloze-news", "boolq"}
     text = R.render_report(df, p)
     assert "Here the rule drops boolq" in text and "With every task, boolq included (no floor rule)" in text
+
+
+# -- claim (d) at every factor, the readouts without finetuning, router health, what changed -----------------------
+READOUT_DELTA = {"uncurl": 0.02, "freq_prune": 0.08, "freq_merge": 0.05, "mcsmoe": 0.06, "hybrid": 0.03}
+
+
+def _fill_readouts_and_health(store: ResultsStore, p):
+    """Readout rows as `readout_study` writes them (base LM loss 4.0 + 0.01 * seed; a reduction to D adds
+    READOUT_DELTA[method] * log2(32 / D); the scratch D model 0.01 * log2(32 / D)); per-layer reconstruction (mapped
+    0.1 * layer + READOUT_DELTA, routed twice that); router health of each SMoE (entropy / ln E 0.2 and 0.3 in its two
+    MoE layers; 2e seed 1 ends at 0.85 in layer 1: the only model that gets the warning)."""
+    rows = []
+    for s in p.seeds:
+        for domain in p.readout_domains:
+            task = f"corpus:val_{domain}"
+            ident = dict(base_model="tiny", task=task, stage="zeroshot", seed=s)
+            for e in p.variants:
+                v = 4.0 + 0.01 * s + 0.01 * math.log2(32 / e)
+                rows.append({**ident, "method": "none", "z": e, "d": e, "metric": "lm_loss", "value": v})
+            for m, delta in READOUT_DELTA.items():
+                for d in p.targets:
+                    v = 4.0 + 0.01 * s + delta * math.log2(32 / d)
+                    mapped = [round(delta + 0.1 * layer, 6) for layer in range(2)]
+                    routed = [2 * x for x in mapped]
+                    extra = {"recon_mapped_layers": mapped, "recon_routed_layers": routed}
+                    red = {**ident, "method": m, "z": 32, "d": d, "extra": extra}
+                    rows.append({**red, "metric": "lm_loss", "value": v})
+                    rows.append({**red, "metric": "recon_mapped", "value": sum(mapped) / 2})
+                    rows.append({**red, "metric": "recon_routed", "value": sum(routed) / 2})
+        for e in [v for v in p.variants if v > 1]:
+            ident = dict(base_model="tiny", method="none", z=e, d=e, task=R.PRETRAIN_TASK, stage="router", seed=s)
+            for layer, ent in enumerate((0.2, 0.85 if (e, s) == (2, 1) else 0.3)):
+                values = {"entropy_ratio": ent, "top1_gate": 1 - ent, "max_share": 0.5, "min_share": 0.0}
+                values["drop_frac"] = 0.1
+                for f, v in values.items():
+                    rows.append({**ident, "metric": f"{f}:L{layer}", "value": v, "extra": {"layer": layer}})
+    store.append_many(rows)
+
+
+def _factor_params(tmp_path, **kw):
+    base = dict(variants=[1, 2, 4, 8, 16, 32], tasks=["cloze-news"], readout_domains=["news"])
+    base["router_recipe"] = {"router_lr_mult": 20.0, "router_weight_decay": 0.0}
+    return _params(tmp_path, **{**base, **kw})
+
+
+def test_claim_d_tests_every_factor_with_a_scratch_model(tmp_path):
+    p = _factor_params(tmp_path)
+    assert [(t["d"], t["factor"], t["side"], t["tested"]) for t in R.threshold_factors(p)] == [
+        (16, 2.0, "keeps", True),
+        (8, 4.0, "keeps", True),
+        (4, 8.0, "loses", True),
+        (2, 16.0, "loses", True),
+    ]
+    # the paper's threshold planted: UNCURL 5 points above scratch at 2x and 4x, 5 points below at 8x and 16x
+    scratch = {1: 0.40, 2: 0.50, 4: 0.50, 8: 0.50, 16: 0.50, 32: 0.60}
+    uncurl = {16: 0.55, 8: 0.55, 4: 0.45, 2: 0.45}
+    store = R.load_store(p)
+    _fill_store(store, p, scratch_acc=scratch, uncurl_by_d=uncurl)
+    d = {c.key: c for c in R.evaluate_claims(store.rows(), p)}["d"]
+    assert [x.name.split(" ")[0] for x in d.parts] == ["2x", "4x", "8x", "16x"]
+    assert [x.est.mean for x in d.parts] == pytest.approx([5.0, 5.0, 5.0, 5.0], abs=2.0)
+    assert all(x.verdict == R.SUPPORTED for x in d.parts) and d.verdict == R.SUPPORTED and not d.note
+    assert "scratch vs uncurl" in d.parts[2].name and "uncurl vs scratch" in d.parts[0].name
+    # beyond the threshold at 2x already (the 128e pattern): the 2x part fails, so the claim is not supported
+    p2 = _factor_params(tmp_path / "flip")
+    store2 = R.load_store(p2)
+    _fill_store(store2, p2, scratch_acc=scratch, uncurl_by_d={**uncurl, 16: 0.45})
+    d2 = {c.key: c for c in R.evaluate_claims(store2.rows(), p2)}["d"]
+    assert d2.parts[0].verdict == R.NOT_SUPPORTED and d2.verdict == R.NOT_SUPPORTED
+    assert [x.verdict for x in d2.parts[1:]] == [R.SUPPORTED] * 3
+    # without 16e and 2e scratch models only 4x and 8x are tested and the others are named
+    p3 = _params(tmp_path / "old", variants=[1, 4, 8, 32], tasks=["cloze-news"])
+    store3 = R.load_store(p3)
+    _fill_store(store3, p3, scratch_acc=scratch, uncurl_by_d=uncurl)
+    d3 = {c.key: c for c in R.evaluate_claims(store3.rows(), p3)}["d"]
+    assert [x.name.split(" ")[0] for x in d3.parts] == ["4x", "8x"] and d3.verdict == R.SUPPORTED
+    assert "D=16 (2x, should keep)" in d3.note and "D=2 (16x, should lose)" in d3.note
+
+
+def test_readouts_router_health_and_what_changed_in_the_report(tmp_path):
+    p = _factor_params(tmp_path)
+    store = R.load_store(p)
+    _fill_store(store, p)
+    _fill_readouts_and_health(store, p)
+    df = store.rows()
+    claims = {c.key: c for c in R.evaluate_claims(df, p)}
+    # the zero-shot readout: uncurl's loss is the lowest of the reductions at every D, so (c)'s readout is supported
+    ro = {x.name: x for x in claims["c"].readout}
+    assert set(ro) == {"uncurl vs freq_prune", "uncurl vs freq_merge", "uncurl vs mcsmoe"}
+    # pooled over D = 16, 8, 4, 2 (log2 32/D = 1, 2, 3, 4: mean 2.5): (0.08 - 0.02) * 2.5 = 0.15 nats
+    assert ro["uncurl vs freq_prune"].est.mean == pytest.approx(0.15) and claims["c"].readout_verdict == R.SUPPORTED
+    assert claims["e"].readout[0].est.mean == pytest.approx(-0.025) and claims["e"].readout_verdict == R.NOT_SUPPORTED
+    # (d): uncurl 32e->16e costs 0.02 nats, the scratch 16e model 0.01: scratch lower, against "keeps" at 2x
+    d_ro = {x.name.split(" ")[0]: x for x in claims["d"].readout}
+    assert d_ro["2x"].est.mean == pytest.approx(-0.01) and d_ro["16x"].est.mean == pytest.approx(0.04)
+    assert claims["d"].readout_verdict == R.NOT_SUPPORTED
+    assert claims["b"].readout[0].est.mean == pytest.approx(0.07 * 2.5)
+
+    t = R.readout_loss_table(df, p).set_index(["domain", "D"])
+    assert t.loc[("news", 8), "uncurl"] == "+0.040 ± 0.000" and t.loc[("news", 2), "freq_prune"] == "+0.320 ± 0.000"
+    assert t.loc[("news", 8), "scratch D"] == "+0.020 ± 0.000" and t.loc[("news", 1), "scratch D"] == "+0.050 ± 0.000"
+    assert t.loc[("news", 8), "32e (unreduced) LM loss"] == "4.010 ± 0.010"
+    rec = R.readout_recon_table(df, p, "mapped").set_index(["domain", "D", "layer"])
+    assert rec.loc[("news", 4, 1), "mcsmoe"] == "0.160 ± 0.000" and len(rec) == 4 * 2
+    assert R.readout_recon_table(df, p, "routed").set_index(["domain", "D", "layer"]).loc[("news", 4, 1), "mcsmoe"] == (
+        "0.320 ± 0.000"
+    )
+
+    health = R.router_health_table(df, p).set_index(["model", "seed"])
+    assert len(health) == 5 * 3 and health.loc[("32e", 0), "entropy / ln E (per layer)"] == "0.200 / 0.300"
+    assert health.loc[("2e", 1), "specialised"] == "**no**" and health.loc[("2e", 0), "specialised"] == "yes"
+    warnings = R.router_warnings(df)
+    assert len(warnings) == 1 and warnings[0].startswith("2e seed 1: routers did not specialise")
+    assert "MoE layer 1: 0.85" in warnings[0]
+
+    comp = R.completeness(df, p)
+    assert comp["readouts"] == (3 * (6 + 5 * 4), 3 * (6 + 5 * 4)) and comp["complete"]
+
+    out = R.write_report(p)
+    text = (tmp_path / "replication" / "replication.md").read_text()
+    assert "## Router health of every model" in text and "**Warning.** 2e seed 1: routers did not specialise" in text
+    assert "## Readouts without finetuning" in text and "| news     |  16 |" in text
+    assert "Per factor (oriented differences" in text and "| 16x " in text
+    # one "what changed" paragraph per claim, the first study's verdict a constant, this run's computed
+    assert text.count("**What changed against the first study.**") == 5
+    assert "First study (docs/replication.md at 681dfeb" in text
+    c_par = next(x for x in text.split("\n\n") if "**inconclusive** (uncurl vs freq_prune -0.11 ± 0.23" in x)
+    assert "This run: **supported** (uncurl vs freq_prune: +15.6" in c_par  # 66 vs 50 points, computed
+    assert "the verdict is changed from **inconclusive** to **supported**" in c_par
+    a_par = next(x for x in text.split("\n\n") if x.startswith("**What changed") and "4e vs dense -0.21" in x)
+    assert "the verdict is unchanged" in a_par and "MoE - dense now 2e +0.0" in a_par and "32e -0.15" in a_par
+    assert "factors tested 2x, 4x, 8x, 16x (first: 4x, 8x)" in text
+    assert "32e routers end at 0.300 ± 0.000 ln E in their worst layer (first: ~0.98)" in text
+    assert "Router recipe (every variant): router_lr_mult 20, router_weight_decay 0" in text
+    pngs = {x.rsplit("/", 1)[-1] for x in out["figures"]}
+    assert {"router_health.png", "readout_lm_loss_news.png", "readout_reconstruction_news.png"} <= pngs
+    # the verdict table's readout column
+    row = next(line for line in text.splitlines() if line.startswith("| (c) UNCURL"))
+    assert row.count("supported") >= 2 and "| supported " in row
+
+
+def test_partial_report_counts_missing_readouts(tmp_path):
+    p = _factor_params(tmp_path)
+    store = R.load_store(p)
+    _fill_store(store, p)
+    comp = R.completeness(store.rows(), p)
+    assert comp["readouts"] == (0, 3 * 26) and not comp["complete"]
+    assert "readout news seed 0 32e" in comp["missing"] and "readout news seed 2 hybrid 32e->2e" in comp["missing"]
+    text = R.render_report(store.rows(), p)
+    assert "0/78 readouts without finetuning" in text and "## Readouts without finetuning" not in text
 
 
 def test_task_figure_has_floors_intervals_over_seeds_and_one_class_flag(tmp_path):

@@ -48,6 +48,9 @@ from smoe_lab.data.tokenizer import (
     parse_spec,
 )
 
+from . import sources
+from .plan import ShardedStream, corpus_shards
+
 FORMAT_VERSION = 1
 # max_tokens_per_domain is applied as a character budget, tokenizer-independent so the gpt2 and bpe corpora of a
 # recipe hold the same documents: ~4 characters per GPT-2 token in English text.
@@ -270,8 +273,6 @@ def build_corpus(
 
     See `build_corpus_from_documents` for the layout; each domain's licence and origin go into meta["sources"].
     """
-    from smoe_lab.data import sources
-
     chosen = [sources.domain(d) for d in domains]  # unknown names fail here, before any work
     if len({d.name for d in chosen}) != len(chosen):
         raise ValueError(f"duplicate domains in {list(domains)}")
@@ -328,8 +329,6 @@ class Corpus:
 
         A built corpus's "train" is a `smoe_lab.data.plan.ShardedStream` over its shards (same indexing)."""
         if name in self.meta.get("sharded_splits", ()):
-            from smoe_lab.data.plan import ShardedStream, corpus_shards
-
             return ShardedStream(corpus_shards(self.path, self.meta), self.meta["dtype"])
         files = self.meta["files"]
         if name not in files or not files[name].endswith(".bin"):

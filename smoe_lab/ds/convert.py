@@ -36,7 +36,8 @@ from safetensors.torch import load_file
 from torch import Tensor
 
 from .. import checkpoint
-from ..config import ModelConfig
+from ..config import ModelConfig, yaml_load
+from ..model import GPT
 
 DS_ROUTER = "deepspeed_moe.gate.wg.weight"
 DS_EXPERT_PREFIX = "deepspeed_moe.experts.deepspeed_experts."
@@ -166,8 +167,6 @@ def _ep_rank(ep_size: int) -> int:
 
 def _load_into(cfg: ModelConfig, state: dict[str, Tensor], where: str):
     """A new GPT(cfg) holding `state` (a tied lm_head may be absent, as in saved checkpoints)."""
-    from ..model import GPT
-
     model = GPT(cfg)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.tie_embeddings)]
@@ -359,7 +358,6 @@ def read_model_config(spec: str | Path) -> ModelConfig:
         return checkpoint.read_config(p)[0]
     if not p.is_file():
         raise FileNotFoundError(f"model config not found: {p}")
-    from ..config import yaml_load
 
     doc = yaml_load(p.read_text())
     if isinstance(doc, dict) and "model_config" in doc:

@@ -1,11 +1,13 @@
 """The DeepSpeed engine: `smoe_lab.train.fit` over the ranks of the `deepspeed` launcher (data + expert parallel).
 
-`train.fit` routes here when TrainConfig.engine == "deepspeed". The loop is the torch engine's, step for step:
+`train.fit` routes here when TrainConfig.engine == "deepspeed". The loop is the torch engine's own
+(`smoe_lab.loop.run_steps`); this module plugs in `DeepSpeedSteps` (engine.backward / engine.step) and adds
+resume and checkpoint writing around it:
 
-- optimiser: the project's torch AdamW (`train.param_groups`: decay on matrices only; the router group of
-  TrainConfig.router_lr_mult / router_weight_decay, its lr scaled by `train.set_lr`) with DeepSpeed-MoE expert
+- optimiser: the project's torch AdamW (`loop.param_groups`: decay on matrices only; the router group of
+  TrainConfig.router_lr_mult / router_weight_decay, its lr scaled by `loop.set_lr`) with DeepSpeed-MoE expert
   parameters split into their own groups (`split_params_into_different_moe_groups_for_optimizer`), handed to
-  `deepspeed.initialize` (no DeepSpeed optimizer, so no FusedAdam build); lr set from `train.lr_at` every step;
+  `deepspeed.initialize` (no DeepSpeed optimizer, so no FusedAdam build); lr set from `loop.lr_at` every step;
 - DeepSpeed config (`ds_config`): train_batch_size = batch_size, micro batch per rank = micro_batch_size,
   gradient_accumulation_steps = batch_size // micro_batch_size // world_size, gradient_clipping = grad_clip,
   ZeRO stage = zero_stage, bf16 on GPU (dtype auto or bfloat16; bf16 weights with fp32 master weights in the
@@ -22,7 +24,8 @@
   (every rank writes its shards: ZeRO-partitioned optimizer state, per-expert files) for exact resume; only the
   newest tag is kept. out_dir must be on a file system every node sees.
 - evaluate(model) runs on every rank (expert parallel layers need all ranks in their all-to-all); on_eval and
-  the progress bar run on rank 0.
+  the progress bar run on rank 0. As in the torch engine, a step's evaluation runs before its checkpoint is
+  written (the loop's order), so a checkpoint at step k means step k was evaluated.
 
 One process without a launcher is a world of size 1 (MASTER_ADDR / MASTER_PORT / RANK / WORLD_SIZE / LOCAL_RANK
 default to a local one-process group): that is how the CPU tests run it, with the gloo backend.
@@ -33,17 +36,17 @@ from __future__ import annotations
 import os
 import shutil
 import socket
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from .. import checkpoint
 from ..config import TrainConfig
-from ..train import Batch, FitResult, MetricsLog, _telemetry_row, lr_at, param_groups, peak_memory_mb, set_lr
+from ..loop import Batch, FitResult, MetricsLog, Steps, param_groups, run_steps, set_lr
+from . import jit
+from .convert import StateModel, gather_native_state, native_config
 
 DS_SUFFIX = "_deepspeed"
 
@@ -68,6 +71,7 @@ def init_distributed() -> None:
 
     if torch.distributed.is_initialized():
         return
+    jit.prepare()  # its own JIT build folder, no stale build lock (a hang for ever otherwise), ninja on PATH
     if "RANK" not in os.environ:  # not launched by `deepspeed` / torchrun: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
@@ -210,6 +214,54 @@ def _rng_state() -> dict[str, Any]:
     return {"torch": torch.get_rng_state(), "cuda": cuda}
 
 
+class DeepSpeedSteps(Steps):
+    """The DeepSpeed engine's pieces of the step loop (smoe_lab.loop.run_steps): forward through the engine, losses
+    and token counts all-reduced over the ranks (so every rank sees a non-finite loss together), engine.backward
+    (which divides by the accumulation steps) and engine.step after every micro-batch (DeepSpeed steps the
+    optimizer at the accumulation boundary); the exact global gradient norm clipped here for fp32 ZeRO-0
+    (`clips_itself`), else DeepSpeed's clipping and norm. Gradients are zeroed by the engine."""
+
+    nan_note = " averaged over ranks"
+
+    def __init__(self, engine, model, cfg: TrainConfig, device: torch.device, world: int):
+        super().__init__(model, device)
+        self.engine, self.cfg, self.world = engine, cfg, world
+        self.own_clip = clips_itself(cfg, device.type)
+
+    def train(self) -> None:
+        self.engine.train()
+
+    def set_lr(self, lr: float) -> None:
+        set_lr(self.engine.optimizer, lr)  # the router group's lr_scale applies (TrainConfig.router_lr_mult)
+
+    def forward(self, idx, targets, mask):
+        _, loss, aux = self.engine(idx, targets, mask=mask)
+        return loss, aux
+
+    def measure(self, loss, aux, targets) -> tuple[float, float, int]:
+        here = torch.stack([loss.detach().double(), aux.detach().double(), targets.ne(-1).sum().double()])
+        torch.distributed.all_reduce(here)
+        return float(here[0]) / self.world, float(here[1]) / self.world, int(here[2])
+
+    def backward(self, loss, aux, micro, accum) -> None:
+        self.engine.backward(loss + aux)
+        if micro < accum - 1:
+            self.engine.step()  # not a boundary: DeepSpeed only counts the micro-step
+
+    def clip_and_step(self) -> float:
+        grad_norm = float("nan")
+        if self.own_clip:  # gradients are all-reduced at the accumulation boundary
+            grad_norm = clip_grad_norm(self.model, self.cfg.grad_clip)
+        self.engine.step()
+        if not self.own_clip:
+            gn = self.engine.get_global_grad_norm()
+            grad_norm = float("nan") if gn is None else float(gn)
+        return grad_norm
+
+    def zero_grad(self) -> None:
+        pass  # the engine zeroes the gradients in its step
+
+
 # -- the loop -------------------------------------------------------------------------------------------------------
 def fit(
     model,
@@ -228,8 +280,6 @@ def fit(
 ) -> FitResult:
     """`train.fit` on the DeepSpeed engine (same arguments, same files, same result; see the module docstring)."""
     import deepspeed
-
-    from .convert import StateModel, gather_native_state, native_config
 
     device = local_device(cfg)
     rank, world = rank_and_world()
@@ -269,11 +319,6 @@ def fit(
             torch.cuda.set_rng_state(rng["cuda"])
         start = int(state["step"])
     log = MetricsLog(out_dir / "metrics.jsonl", resume_step=start if resume else None) if rank == 0 else None
-    own_clip = clips_itself(cfg, device.type)
-    tokens_per_step = 0
-    t0 = time.perf_counter()
-    last_loss = float("nan")
-    eval_row: dict[str, float] = {}
 
     def save(step: int) -> None:
         tag = f"global_step{step}"
@@ -305,76 +350,18 @@ def fit(
                     shutil.rmtree(old, ignore_errors=True)
         torch.distributed.barrier()
 
-    bar = tqdm(
-        range(start, cfg.max_steps),
+    return run_steps(
+        DeepSpeedSteps(engine, model, cfg, device, world),
+        cfg,
+        lambda: _draw(next_batch, rank, world),
+        accum,
+        start=start,
+        log=log,
+        evaluate=evaluate,
+        on_eval=on_eval if rank == 0 else None,
+        save=save,
+        ck_path=ck_path,
+        metrics_path=out_dir / "metrics.jsonl",
+        progress=progress and rank == 0,
         desc=desc,
-        disable=not progress or rank != 0,
-        initial=start,
-        total=cfg.max_steps,
-    )
-    for step in bar:
-        engine.train()
-        lr = lr_at(step, cfg)
-        set_lr(engine.optimizer, lr)  # the router group's lr_scale applies (TrainConfig.router_lr_mult)
-        ts = time.perf_counter()
-        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss, aux, tokens over ranks and micro-steps
-        grad_norm = float("nan")
-        for micro in range(accum):
-            idx, targets, mask = _draw(next_batch, rank, world)
-            idx, targets = idx.to(device), targets.to(device)
-            mask = None if mask is None else mask.to(device)
-            _, loss, aux = engine(idx, targets, mask=mask)
-            total = loss + aux
-            here = torch.stack([loss.detach().double(), aux.detach().double(), targets.ne(-1).sum().double()])
-            torch.distributed.all_reduce(here)
-            if not torch.isfinite(here[:2]).all():
-                raise FloatingPointError(
-                    f"non-finite loss at step {step} (lm {float(here[0]) / world:.4g}, aux {float(here[1]) / world:.4g}"
-                    f" averaged over ranks); last good checkpoint: {ck_path if ck_path.exists() else 'none'} "
-                    "- lower the learning rate"
-                )
-            sums += here
-            engine.backward(total)
-            if own_clip and micro == accum - 1:  # gradients are all-reduced at the accumulation boundary
-                grad_norm = clip_grad_norm(model, cfg.grad_clip)
-            engine.step()
-        if not own_clip:
-            gn = engine.get_global_grad_norm()
-            grad_norm = float("nan") if gn is None else float(gn)
-        loss_sum, aux_sum = float(sums[0]) / (accum * world), float(sums[1]) / (accum * world)
-        tokens_per_step = int(sums[2])
-        last_loss = loss_sum
-        dt = time.perf_counter() - ts
-        done = step + 1
-        if log is not None and (done % cfg.log_every == 0 or done == cfg.max_steps or done == start + 1):
-            log.write(
-                kind="train",
-                step=done,
-                loss=round(loss_sum, 6),
-                aux=round(aux_sum, 6),
-                lr=lr,
-                grad_norm=round(grad_norm, 5),
-                tokens=done * tokens_per_step,
-                tokens_per_s=round(tokens_per_step / max(dt, 1e-9), 1),
-                **_telemetry_row(model),
-            )
-            bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{lr:.2e}")
-        if (cfg.checkpoint_every and done % cfg.checkpoint_every == 0) or done == cfg.max_steps:
-            save(done)
-        if evaluate is not None and cfg.eval_every and (done % cfg.eval_every == 0 or done == cfg.max_steps):
-            eval_row = evaluate(model)
-            if log is not None:
-                log.write(kind="eval", step=done, tokens=done * tokens_per_step, **eval_row)
-            if on_eval is not None and rank == 0:
-                on_eval(done, eval_row)
-    seconds = time.perf_counter() - t0
-    return FitResult(
-        steps=cfg.max_steps,
-        tokens=cfg.max_steps * tokens_per_step,
-        seconds=seconds,
-        final_loss=last_loss,
-        eval=eval_row,
-        checkpoint=str(ck_path) if ck_path.exists() else None,
-        metrics=str(out_dir / "metrics.jsonl"),
-        peak_memory_mb=peak_memory_mb(device),
     )

@@ -12,32 +12,28 @@ Importing this package does not import transformers; the functions below do.
 
 from __future__ import annotations
 
+from .io import load as _load
+from .io import load_tokenizer as _lt
+from .io import read_config as _read
+from .io import save as _save
 from .source import checkpoint_hash, checkpoint_name, is_hf_folder, is_hf_source, is_hub_id, resolve
 
 
 def load(path_or_hub_id, device="cpu", dtype="float32"):
     """smoe_lab.hf.io.load: an HFMoEModel in eval mode."""
-    from .io import load as _load
-
     return _load(path_or_hub_id, device=device, dtype=dtype)
 
 
 def save(model, folder, tokenizer=None, train_state=None, **meta):
     """smoe_lab.hf.io.save: a folder the stock from_pretrained loads when D is equal in every layer."""
-    from .io import save as _save
-
     return _save(model, folder, tokenizer=tokenizer, train_state=train_state, **meta)
 
 
 def read_config(path_or_hub_id):
-    from .io import read_config as _read
-
     return _read(path_or_hub_id)
 
 
 def load_tokenizer(path_or_hub_id):
-    from .io import load_tokenizer as _lt
-
     return _lt(path_or_hub_id)
 
 

@@ -16,7 +16,7 @@ from collections.abc import Sequence
 import torch
 import torch.nn as nn
 
-from ..reduce.align import BiasFreeExpertWeights, GatedExpertWeights
+from ..expert_weights import BiasFreeExpertWeights, GatedExpertWeights
 from .families import Family
 
 

@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 
+from ..atomic import atomic_dir
 from . import families as fm
 from .model import HFConfig, HFMoEModel, sync_config
 from .source import RECORD, resolve
@@ -126,8 +127,6 @@ def save(
     **meta: Any,
 ) -> Path:
     """Write `model` as a transformers folder (atomically; see the module docstring); returns the folder."""
-    from ..checkpoint import atomic_dir
-
     if not isinstance(model, HFMoEModel):
         raise ValueError(f"smoe_lab.hf.save takes a model from smoe_lab.hf.load, got {type(model).__name__}")
     folder = Path(folder)

@@ -41,6 +41,7 @@ import pandas as pd
 
 from .. import checkpoint
 from ..config import ModelConfig, _FromDict
+from ..ds.convert import native_config
 from ..paths import PACKAGE_DIR
 
 OVERSUBSCRIBE_FACTOR = 4  # with --oversubscribe a CPU run may start up to this many ranks per core
@@ -216,8 +217,6 @@ def preset_models(
 
 def checkpoint_models(items: list[str]) -> list[ProfileModel]:
     """`PATH` or `LABEL=PATH` items -> models (label: the folder name, or its parent's for `.../checkpoint`)."""
-    from ..ds.convert import native_config
-
     out = []
     for item in items:
         label, _, path = item.rpartition("=") if "=" in item else ("", "", item)

@@ -35,6 +35,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..checkpoint import load
+from ..config import ModelConfig
+from ..ds.convert import load_as_deepspeed
+from ..ds.engine import init_distributed
+from ..model import GPT
+
 STAGES = ("a2a_dispatch", "a2a_combine", "experts", "gate", "moe")  # per MoE layer, ms
 A2A_CLOCK: list[list[float]] | None = None  # while armed on a CPU: [enter, exit] host times of every all-to-all
 
@@ -136,11 +142,6 @@ def build_model(entry: dict[str, Any], ep_size: int, device: torch.device, dtype
     """A model of the spec on `device` in `dtype`, with DeepSpeed-MoE layers holding this rank's experts (dense models
     stay dense). A checkpoint is loaded on the CPU and moved; on a GPU a preset is built on the meta device and
     initialised in place (GPT-2's init from the device's RNG, seeded): a 354M+128e model never sits on the host."""
-    from ..checkpoint import load
-    from ..config import ModelConfig
-    from ..ds.convert import load_as_deepspeed
-    from ..model import GPT
-
     if entry.get("checkpoint"):
         model = load_as_deepspeed(entry["checkpoint"], ep_size) if entry["experts"] > 1 else load(entry["checkpoint"])
         model = model.to(device=device, dtype=dtype)
@@ -263,7 +264,6 @@ def main(spec_path: str) -> None:
         torch.cuda.set_device(device)
     else:
         device = torch.device("cpu")
-    from ..ds.engine import init_distributed
 
     init_distributed()
     hook_all_to_all()

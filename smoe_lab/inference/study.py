@@ -17,6 +17,9 @@ import pandas as pd
 
 from .. import checkpoint
 from ..experiments import pretrain_dir, pretrained_variants, summarize_run
+from ..model import GPT
+from ..progress import report
+from ..results import ResultsStore
 from .ep_profile import ProfileConfig, checkpoint_models, read_layers, run_profile
 from .scaling import S_BASE, dense_equivalent_table
 
@@ -63,7 +66,6 @@ def _accuracy(out_dir: Path) -> pd.DataFrame:
     path = out_dir / "results.sqlite"
     if not path.is_file():
         return pd.DataFrame()
-    from ..results import ResultsStore
 
     df = ResultsStore(path).rows(metric="accuracy")
     if df.empty:
@@ -134,8 +136,6 @@ def _backbone_params(ckpt: Path) -> int:
     """Non-embedding parameters of the dense backbone a checkpoint's config implies (one expert per MoE layer)."""
     import torch
 
-    from ..model import GPT
-
     cfg, _ = checkpoint.read_config(ckpt)
     with torch.device("meta"):  # shapes only: no memory, no init cost, at any size
         dense = GPT(cfg.replace(num_experts=1, moe_impl="native", ep_size=1))
@@ -152,7 +152,6 @@ def profile_study(
 ) -> InferenceStudy:
     """Profile every finished notebook-01 variant and notebook-03 reduction of the largest variant. Each launch of
     ranks is also a progress line on a batch run's terminal (smoe_lab.progress)."""
-    from ..progress import report
 
     def say(msg: str, _log=log) -> None:
         _log(msg)

@@ -16,21 +16,13 @@ from __future__ import annotations
 from collections.abc import Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
-from typing import NamedTuple
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 
-
-class ExpertWeights(NamedTuple):
-    """One expert's parameters in the model's layout (expert e of the stacked `MoELayer.experts`)."""
-
-    w_in: torch.Tensor  # [d_model, d_ff]
-    b_in: torch.Tensor  # [d_ff]
-    w_out: torch.Tensor  # [d_ff, d_model]
-    b_out: torch.Tensor  # [d_model]
+from ..expert_weights import BiasFreeExpertWeights, ExpertWeights, GatedExpertWeights  # noqa: F401  (re-exported)
 
 
 def check_expert(e: ExpertWeights, name: str = "expert") -> tuple[int, int]:
@@ -163,23 +155,6 @@ def align_pairs(pairs: Sequence[tuple[ExpertWeights, ExpertWeights]], workers: i
 
 
 # -- Hugging Face expert layouts (smoe_lab.hf): SwiGLU experts of the fused decoders, T5's bias-free ReLU experts ------
-class GatedExpertWeights(NamedTuple):
-    """A SwiGLU expert in the nn.Linear layout of transformers' fused experts (OLMoE, Qwen-MoE, Mixtral):
-    down(act(x W_gate^T) * (x W_up^T)); W_gate / W_up are rows [0, f) / [f, 2f) of `gate_up_proj[e]` [2f, d_model]
-    and W_down is `down_proj[e]` [d_model, f]."""
-
-    w_gate: torch.Tensor  # [d_ff, d_model]
-    w_up: torch.Tensor  # [d_ff, d_model]
-    w_down: torch.Tensor  # [d_model, d_ff]
-
-
-class BiasFreeExpertWeights(NamedTuple):
-    """A T5 / Switch Transformers expert (`wi`, `wo`, no biases) in the nn.Linear layout: wo(act(wi x))."""
-
-    wi: torch.Tensor  # [d_ff, d_model]
-    wo: torch.Tensor  # [d_model, d_ff]
-
-
 def check_gated_expert(e: GatedExpertWeights, name: str = "expert") -> tuple[int, int]:
     """(d_model, d_ff) of a well-formed SwiGLU expert; ValueError naming the first inconsistent field."""
     if e.w_gate.ndim != 2:

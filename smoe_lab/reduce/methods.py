@@ -35,6 +35,7 @@ import numpy as np
 import torch
 
 from ..calibrate import Calibration, calibrate, check_compatible
+from ..model import GPT
 from ..router_health import FIELDS as HEALTH_FIELDS
 from ..router_health import RouterHealth, specialisation_warning
 from .align import ExpertWeights, align_pairs, permute_expert
@@ -361,8 +362,6 @@ def reduce_model(
     (smoe_lab.hf) is reduced the same way into a new model of its own class. Bad input raises ValueError and changes
     nothing.
     """
-    from ..model import GPT
-
     if options:
         raise ValueError(f"reduce_model: unknown option(s) {sorted(options)}")
     if method not in METHODS:

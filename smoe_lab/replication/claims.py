@@ -3,6 +3,10 @@
 A task comparison pools its (task, D) cells per seed, using only the seeds that have every cell, so the pooled values
 stay paired. A claim with several parts is supported when every part is, not supported when any part is not,
 inconclusive otherwise. The floor rule (`learnable_tasks`) leaves tasks no model learns out of the task claims.
+
+Each task claim also carries two readouts of the same comparisons that do not decide its verdict: the finetuned
+validation loss (`secondary`) and the zero-shot domain LM loss after reduction without any finetuning (`readout`,
+`smoe_lab.readout_study`), pooled over (domain, D) cells per seed exactly like the task cells.
 """
 
 from __future__ import annotations
@@ -13,7 +17,15 @@ from typing import Any
 import pandas as pd
 
 from .stats import INCONCLUSIVE, NOT_SUPPORTED, Estimate, combine, verdict
-from .study import label, pretrain_frame, protocols, task_frame
+from .study import (  # noqa: F401  (threshold_* re-exported)
+    label,
+    pretrain_frame,
+    protocols,
+    readout_frame,
+    task_frame,
+    threshold_factors,
+    threshold_keep,
+)
 from .tables import floors_table
 
 FLOOR_MARGIN = 2.0  # accuracy points a task's best model must clear its majority class by to count (floor rule)
@@ -93,6 +105,17 @@ class Claim:
     secondary_label: str = ""
     note: str = ""
     settle: str = ""
+    readout: list[Part] = field(default_factory=list)  # zero-shot domain LM loss, no finetuning (task claims)
+
+    @property
+    def readout_verdict(self) -> str:
+        return combine([x.verdict for x in self.readout]) if self.readout else "no data"
+
+
+READOUT_LABEL = (
+    "zero-shot domain LM loss after reduction, no finetuning (nats, lower is better; routers merged; it favours the "
+    "scratch models, which need no repair)"
+)
 
 
 SETTLE = {
@@ -107,8 +130,9 @@ SETTLE = {
     "c": "Needs the paper's finetuning budget (Table 8: 50 epochs, lr 1e-6) so that differences between reduction "
     "methods are not washed out by finetuning noise, and enough evaluation examples: with 256 validation questions "
     "one accuracy point is ~2.6 questions. 3 seeds per (task, D) and the six SuperGLUE tasks.",
-    "d": "Needs scratch models at 16, 8, 4 and 2 experts (four more pretraining runs per seed at the paper's size) "
-    "and the 64e/128e bases to see whether the threshold moves with the expert count, as the paper reports.",
+    "d": "Needs a scratch model at every target (16, 8, 4 and 2 experts for the 32e base: four pretraining runs per "
+    "seed at the paper's size), enough evaluation examples that one factor's accuracy difference clears the seed "
+    "noise, and the 64e/128e bases to see whether the threshold moves with the expert count, as the paper reports.",
     "e": "Needs more MoE layers than the tiny model's two (the 354M model has 12): the hybrid differs from UNCURL "
     "only in the first MoE layer, so its effect shrinks with depth; and per-layer cluster structure that is "
     "absent in layer 0 (the paper's Sec 6.3 observation), which a briefly trained model may not show.",
@@ -131,6 +155,7 @@ def evaluate_claims(df: pd.DataFrame, p, stage: str = "stage2", tasks: list[str]
     keep = learnable_tasks(df, p) if tasks is None else tasks
     acc, loss = (task_frame(df, base, m, stage) for m in ("accuracy", "loss"))
     acc, loss = (f[f.index.get_level_values("task").isin(keep)] for f in (acc, loss))
+    lm = readout_frame(df, base, "lm_loss")
 
     def both(better, worse, name, **kw):
         a = compare(acc, better, worse, name, k, **kw)
@@ -138,11 +163,18 @@ def evaluate_claims(df: pd.DataFrame, p, stage: str = "stage2", tasks: list[str]
         s = compare(loss, better, worse, name, k, scale=1.0, lower_is_better=True, unit="nats", **lkw)
         return a, s
 
+    def readout(better, worse, name, **kw):
+        kw = {**kw, "margin": 0.0}
+        r = compare(lm, better, worse, name, k, scale=1.0, lower_is_better=True, unit="nats", **kw)
+        return [r] if r else []
+
     scratch_ds = sorted(d for d in p.targets if d in p.variants)
     parts, sec = [], []
-    a, s = both("scratch", "freq_prune", f"scratch D vs greedy pruning {base}e->D", ds=scratch_ds)
+    name = f"scratch D vs greedy pruning {base}e->D"
+    a, s = both("scratch", "freq_prune", name, ds=scratch_ds)
     parts += [a] if a else []
     sec += [s] if s else []
+    ro = readout("scratch", "freq_prune", name, ds=scratch_ds)
     note = "" if scratch_ds else "No target D has a model trained from scratch: nothing to compare."
     out.append(
         Claim(
@@ -156,9 +188,10 @@ def evaluate_claims(df: pd.DataFrame, p, stage: str = "stage2", tasks: list[str]
             "finetuned validation loss (nats, lower is better)",
             note,
             SETTLE["b"],
+            ro,
         )
     )
-    parts, sec = [], []
+    parts, sec, ro = [], [], []
     for other, margin in (("freq_prune", 0.0), ("freq_merge", 0.0), ("mcsmoe", p.margin)):
         if margin:
             name = f"uncurl vs {other} (competitive: not worse by more than {margin:g} points)"
@@ -167,6 +200,7 @@ def evaluate_claims(df: pd.DataFrame, p, stage: str = "stage2", tasks: list[str]
         a, s = both("uncurl", other, name, margin=margin)
         parts += [a] if a else []
         sec += [s] if s else []
+        ro += readout("uncurl", other, f"uncurl vs {other}")
     out.append(
         Claim(
             "c",
@@ -180,10 +214,12 @@ def evaluate_claims(df: pd.DataFrame, p, stage: str = "stage2", tasks: list[str]
             ("" if len(parts) == 3 else "Some comparison has no data (a method was not run). ")
             + _same_as_note(acc, loss, "mcsmoe", "freq_merge"),
             SETTLE["c"],
+            ro,
         )
     )
-    out.append(_claim_d(acc, loss, p))
+    out.append(_claim_d(acc, loss, lm, p))
     a, s = both("hybrid", "uncurl", "hybrid vs uncurl")
+    ro = readout("hybrid", "uncurl", "hybrid vs uncurl")
     out.append(
         Claim(
             "e",
@@ -196,6 +232,7 @@ def evaluate_claims(df: pd.DataFrame, p, stage: str = "stage2", tasks: list[str]
             "finetuned validation loss (nats, lower is better)",
             "" if a else "No hybrid or UNCURL results.",
             SETTLE["e"],
+            ro,
         )
     )
     return out
@@ -250,24 +287,26 @@ def _claim_a(df: pd.DataFrame, p) -> Claim:
     )
 
 
-def _claim_d(acc: pd.DataFrame, loss: pd.DataFrame, p) -> Claim:
-    """Threshold: factor Z/D <= keep keeps UNCURL's advantage over scratch, larger factors lose it (keep = 4 for
-    Z <= 32 as the paper found for 32e, else 2)."""
+def _claim_d(acc: pd.DataFrame, loss: pd.DataFrame, lm: pd.DataFrame, p) -> Claim:
+    """Threshold: every factor Z/D <= keep keeps UNCURL's advantage over the scratch D model, every larger factor
+    loses it (keep = `threshold_keep`). One part per factor with a scratch model, oriented so that positive is the
+    paper's side: "uncurl vs scratch" at a factor that keeps, "scratch vs uncurl" at one that loses."""
     base, k = max(p.variants), p.se_factor
-    keep = 4 if base <= 32 else 2
-    parts, sec, untested = [], [], []
-    for d in sorted(p.targets, reverse=True):
-        f = base / d
-        side = "keeps" if f <= keep else "loses"
-        if d not in p.variants:
+    keep = threshold_keep(base)
+    parts, sec, ro, untested = [], [], [], []
+    for t in threshold_factors(p):
+        d, f, side = t["d"], t["factor"], t["side"]
+        if not t["tested"]:
             untested.append(f"D={d} ({f:g}x, should {side.rstrip('s')})")
             continue
         better, worse = ("uncurl", "scratch") if side == "keeps" else ("scratch", "uncurl")
         name = f"{f:g}x ({base}e->{d}e) {side} the advantage: {better} vs {worse}"
         a = compare(acc, better, worse, name, k, ds=[d])
         s = compare(loss, better, worse, name, k, scale=1.0, lower_is_better=True, ds=[d], unit="nats")
+        r = compare(lm, better, worse, name, k, scale=1.0, lower_is_better=True, ds=[d], unit="nats")
         parts += [a] if a else []
         sec += [s] if s else []
+        ro += [r] if r else []
     verdicts = [x.verdict for x in parts]
     sides = {("keeps" if "keeps" in x.name else "loses") for x in parts}
     v = combine(verdicts)
@@ -277,17 +316,21 @@ def _claim_d(acc: pd.DataFrame, loss: pd.DataFrame, p) -> Claim:
         note = "Only one side of the threshold has a scratch reference, so the threshold itself is untested. "
     if untested:
         note += "No scratch model for " + ", ".join(untested) + "."
+    factors = [f"{t['factor']:g}x" for t in threshold_factors(p) if t["tested"]]
     return Claim(
         "d",
         "A pruning-factor threshold",
         f"Reducing {base}e by a factor up to {keep}x with UNCURL keeps the advantage over the model of the same size "
-        f"trained from scratch; larger factors lose it (paper Sec 5.2, Sec 7: 32e -> 8e fine, 128e beyond 2x worse).",
+        f"trained from scratch; larger factors lose it (paper Sec 5.2, Sec 7: 32e -> 8e fine, 128e beyond 2x worse). "
+        f"One part per factor with a scratch model ({', '.join(factors) or 'none'}), each oriented to the paper's "
+        "side of the threshold; the claim needs every part, on both sides.",
         parts,
         v,
         sec,
         "finetuned validation loss (nats, lower is better)",
         note.strip(),
         SETTLE["d"],
+        ro,
     )
 
 

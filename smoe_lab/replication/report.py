@@ -13,11 +13,21 @@ import pandas as pd
 
 from .. import checkpoint
 from ..finetune import FinetuneConfig
-from .claims import FLOOR_MARGIN, Claim, Part, evaluate_claims, learnable_tasks
+from .claims import FLOOR_MARGIN, READOUT_LABEL, Claim, Part, evaluate_claims, learnable_tasks, threshold_factors
 from .diagnosis import diagnose_a, diagnose_task
 from .figures import figure_budget, figure_claims, figure_pretrain, figure_protocols, figure_task, save_png
+from .previous import (
+    PREVIOUS_ENTROPY_RATIO,
+    PREVIOUS_FLOOR_DROPPED,
+    PREVIOUS_SEEDS,
+    PREVIOUS_TASKS,
+    PREVIOUS_TOKENS,
+    PREVIOUS_VARIANTS,
+    changed_paragraph,
+)
+from .readout_figures import figure_readout_loss, figure_reconstruction, figure_router_health
 from .stats import NOT_SUPPORTED, SUPPORTED, combine, seeds_needed
-from .study import label, load_store, pretrain_frame, report_path
+from .study import health_frame, label, load_store, pretrain_frame, readout_domains, report_path
 from .tables import (
     budget_gaps,
     budget_table,
@@ -27,6 +37,12 @@ from .tables import (
     paper_layout_tables,
     pretrain_table,
     protocol_gaps,
+    readout_loss_table,
+    readout_recon_table,
+    router_health_summary,
+    router_health_table,
+    router_warnings,
+    threshold_table,
 )
 
 
@@ -110,8 +126,8 @@ def render_report(df: pd.DataFrame, p, fig_dir: Path | None = None, fig_rel: str
         dropped=[t for t in p.tasks if t not in kept],
         fig=_Figures(fig_dir, fig_rel),
     )
-    sections = [_header(s), _verdicts_section(s), _setup_section(s), _claim_a_section(s), _ablation_a_section(s)]
-    sections.append(_floors_section(s))
+    sections = [_header(s), _verdicts_section(s), _setup_section(s), _router_health_section(s)]
+    sections += [_claim_a_section(s), _ablation_a_section(s), _floors_section(s), _readouts_section(s)]
     zero_shot = _zero_shot_claims(s)
     tables = paper_layout_tables(df, p)
     sections += [_task_claim_section(s, c, zero_shot.get(c.key), tables) for c in s.claims[1:]]
@@ -133,9 +149,11 @@ def _header(s: _Study) -> list[str]:
     if not comp["complete"]:
         pm, pt = comp["pretrain"]
         fm, fmax = comp["finetune"]
+        rm, rmax = comp["readouts"]
         miss = comp["missing"]
+        ro = f", {rm}/{rmax} readouts without finetuning" if rmax else ""
         out.append(
-            f"> **PARTIAL REPORT.** The store holds {pm}/{pt} pretrained models and {fm}/{fmax} finetuned models "
+            f"> **PARTIAL REPORT.** The store holds {pm}/{pt} pretrained models and {fm}/{fmax} finetuned models{ro} "
             f"of this study's settings. Missing ({len(miss)}): "
             + ", ".join(miss[:12])
             + (" ..." if len(miss) > 12 else "")
@@ -156,6 +174,7 @@ def _verdicts_table(s: _Study) -> pd.DataFrame:
                 "verdict at this scale": f"**{c.verdict}**",
                 "pooled difference, mean ± sd over seeds (SE, n)": key_num,
                 "secondary readout": f"{sec_v} ({c.secondary_label})",
+                "zero-shot LM-loss readout": c.readout_verdict if c.key != "a" else "",
                 "every task, no floor rule": s.every[c.key].verdict if c.key != "a" else "",
             }
         )
@@ -176,16 +195,18 @@ def _verdicts_section(s: _Study) -> list[str]:
         "measured once on the task's validation split with the checkpoint that finetuning selected on a dev split "
         "carved out of the train split (the final one when, as in the science run, it evaluates once at the end); "
         "the secondary readout uses that checkpoint's validation loss of the correct "
-        "answer, a continuous and less noisy measure. **Floor rule:** a task whose best finetuned model (mean over "
+        "answer, a continuous and less noisy measure; the zero-shot LM-loss readout compares the same models "
+        "without any finetuning on a domain's validation text (section 'Readouts without finetuning'; it never "
+        "decides a verdict). **Floor rule:** a task whose best finetuned model (mean over "
         f"seeds) does not clear the task's majority-class accuracy by more than {FLOOR_MARGIN:g} points carries no "
         "information about the models and is left out of the task verdicts (its cells stay in the tables); the "
         "last column gives the verdicts with every task. "
     )
     if s.dropped:
         rule += (
-            f"Here the rule drops {', '.join(s.dropped)}. The rule was added after the first pass over this run's "
-            "results showed that no model learns it (each finetuned model settles on one answer, so its accuracy "
-            "jumps between the two label shares); the pre-specified verdicts over every task are the last column.\n"
+            f"Here the rule drops {', '.join(s.dropped)}. The rule was added after the first pass over the first "
+            "study's results showed that no model learned BoolQ (each finetuned model settled on one answer, so its "
+            "accuracy jumped between the two label shares); the verdicts over every task are the last column.\n"
         )
     else:
         rule += "Here every task clears its floor.\n"
@@ -225,7 +246,7 @@ def _setup_section(s: _Study) -> list[str]:
         f"calibration on {p.calibration_examples} training examples. Reductions {base}e -> {p.targets} with "
         f"{p.methods} (router `{p.router}`), router-only warm-up {fcfg.router_warmup_steps} steps, then "
         f"{fcfg.steps or 'epoch-based'} finetuning steps of {fcfg.batch_size} examples (lr {fcfg.lr:g}); every "
-        "other variant finetuned the same way as reference.\n",
+        "other variant finetuned the same way as reference.\n" + _recipe_line(p) + _readout_line(p),
     ]
     cu = compute_used(s.df)
     if len(cu):
@@ -233,6 +254,146 @@ def _setup_section(s: _Study) -> list[str]:
     if p.budget_note:
         out.append(f"**How the budget was chosen.** {p.budget_note}\n")
     return out
+
+
+def _recipe_line(p) -> str:
+    if not p.router_recipe:
+        return "- Router settings: the paper's (no router recipe).\n"
+    rec = ", ".join(f"{k} {v:g}" if isinstance(v, (int, float)) else f"{k} {v}" for k, v in p.router_recipe.items())
+    return (
+        f"- Router recipe (every variant): {rec}. A deviation from the paper that CPU budgets need: with the paper's "
+        "settings the routers stay near uniform at this budget (docs/routers.md); router health of every model is "
+        "below.\n"
+    )
+
+
+def _readout_line(p) -> str:
+    if not p.readout_domains:
+        return ""
+    windows = f"{p.readout_eval_windows} windows of" if p.readout_eval_windows else "the whole"
+    return (
+        f"- Readouts without finetuning (`smoe_lab.readout_study`): per domain of {p.readout_domains}, the "
+        f"{label(max(p.variants))} base calibrated on {p.readout_calibration_tokens:,} tokens of the domain's held-out "
+        f"documents (in neither the training nor the validation split), reduced to {p.targets} with every method and "
+        f"router `{p.readout_router}`, nothing trained afterwards; LM loss on {windows} domain's validation stream; "
+        "per-layer reconstruction error on the calibration tokens.\n"
+    )
+
+
+def _router_health_section(s: _Study) -> list[str]:
+    """Router health of every pretrained SMoE (per layer), the per-variant summary, its figure and the warnings."""
+    if health_frame(s.df).empty:
+        return []
+    summary = router_health_summary(s.df).drop(columns=["worst"])
+    warnings = router_warnings(s.df)
+    out = [
+        "## Router health of every model\n",
+        "At the end of pretraining, on the validation windows of the loss protocol (eval mode, the paper's "
+        "capacity factor 1.0 with drops): router entropy / ln E (1 = uniform: the layer contributes ~1/E of an FFN; "
+        "0 = one-hot), the mean gate of the chosen expert, the largest expert's share of the tokens and the share "
+        "dropped by the capacity limit, per MoE layer (`smoe_lab.router_health`).\n",
+        _md(summary) + "\n",
+        s.fig("router_health", lambda: figure_router_health(s.df)),
+        "<details><summary>Per model, seed and MoE layer</summary>\n\n"
+        + _md(router_health_table(s.df, s.p))
+        + "\n\n</details>\n",
+    ]
+    if warnings:
+        out.append("**Warning.** " + " ".join(f"{w}." for w in warnings) + "\n")
+    else:
+        out.append(
+            "Every model ends with router entropy at or below 0.8 ln E in every MoE layer: the routers specialised "
+            "(no 'routers did not specialise' warning).\n"
+        )
+    return out
+
+
+def _readouts_section(s: _Study) -> list[str]:
+    """The zero-shot domain LM loss and per-layer reconstruction readouts: tables and figures per domain."""
+    domains = readout_domains(s.df)
+    if not domains:
+        return []
+    p, base = s.p, s.base
+    out = [
+        "## Readouts without finetuning\n",
+        f"What a reduction keeps before any training repairs it: the {label(base)} base calibrated on a domain's "
+        f"held-out documents and reduced (router `{p.readout_router}`), then (i) its LM loss on the domain's "
+        "validation stream, against the unreduced base and the model trained from scratch with D experts "
+        "(thousands of tokens: a deterministic number per model, far less noisy than task accuracy); (ii) each "
+        "reduced MoE layer's output error against the base layer on the calibration tokens, fed the base's input: "
+        "`mapped` routes tokens with the base router through the reduction's map (what the experts' weights keep), "
+        "`routed` uses the reduced layer's own merged router (0 = kept exactly; 1 = as far off as dropping the "
+        "layer). Zero-shot, a scratch model needs no repair, so it is favoured against every reduction.\n",
+        "Zero-shot LM loss minus the unreduced base's, paired by seed (nats, mean ± sd over seeds; lower is "
+        "better; the first loss column is the unreduced base's own):\n",
+        _md(readout_loss_table(s.df, p)) + "\n",
+    ]
+    for d in domains:
+        out.append(s.fig(f"readout_lm_loss_{d}", lambda d=d: figure_readout_loss(s.df, d, p)))
+    mapped = readout_recon_table(s.df, p, "mapped")
+    if len(mapped):
+        out += [
+            "Per-layer reconstruction error, `mapped` (mean ± sd over seeds):\n",
+            _md(mapped) + "\n",
+            "<details><summary>Per-layer reconstruction error, `routed`</summary>\n\n"
+            + _md(readout_recon_table(s.df, p, "routed"))
+            + "\n\n</details>\n",
+        ]
+        for d in domains:
+            out.append(s.fig(f"readout_reconstruction_{d}", lambda d=d: figure_reconstruction(s.df, d, p)))
+    return out
+
+
+def _differences(s: _Study, key: str) -> list[str]:
+    """What differs between this run and the first one, from the settings and the store (for `changed_paragraph`)."""
+    p, base = s.p, s.base
+    out = []
+    if p.router_recipe:
+        out.append(f"router recipe {json.dumps(p.router_recipe)} (first: the paper's settings)")
+    summ = router_health_summary(s.df)
+    if len(summ):
+        b = summ[summ["model"] == label(base)]
+        if len(b):
+            out.append(
+                f"{label(base)} routers end at {b['worst layer entropy / ln E'].iloc[0]} ln E in their worst layer "
+                f"(first: ~{PREVIOUS_ENTROPY_RATIO:g})"
+            )
+    if sorted(p.variants) != PREVIOUS_VARIANTS:
+        old = ", ".join(label(v) for v in PREVIOUS_VARIANTS)
+        out.append(f"variants {', '.join(label(v) for v in sorted(p.variants))} (first: {old})")
+    if p.tokens != PREVIOUS_TOKENS:
+        out.append(f"{p.tokens:,} pretraining tokens per model (first: {PREVIOUS_TOKENS:,})")
+    if len(p.seeds) != PREVIOUS_SEEDS:
+        out.append(f"{len(p.seeds)} seeds (first: {PREVIOUS_SEEDS})")
+    if key != "a" and list(p.tasks) != PREVIOUS_TASKS:
+        dropped = ", ".join(PREVIOUS_FLOOR_DROPPED)
+        out.append(
+            f"tasks {', '.join(p.tasks)} (first: {', '.join(PREVIOUS_TASKS)}, with {dropped} left out of the first "
+            "verdicts by the floor rule)"
+        )
+    if key == "a":
+        gaps = protocol_gaps(pretrain_frame(s.df), p)
+        g = gaps[gaps["protocol"] == gaps["protocol"].iloc[0]] if len(gaps) else gaps
+        if len(g):
+            out.append(
+                "MoE - dense now "
+                + ", ".join(f"{r['model']} {r['MoE - dense (nats)']:+.3f}" for _, r in g.iterrows())
+                + " nats (paper protocol; first: 4e +0.206, 8e +0.150, 32e +0.128)"
+            )
+    if key == "b":
+        ds = sorted((d for d in p.targets if d in p.variants), reverse=True)
+        out.append(f"scratch references at D = {', '.join(map(str, ds)) or 'none'} (first: 8, 4)")
+    if key == "d":
+        f = [f"{t['factor']:g}x" for t in threshold_factors(p) if t["tested"]]
+        out.append(f"factors tested {', '.join(f) or 'none'} (first: 4x, 8x)")
+    if key != "a" and s.p.readout_domains:
+        out.append("the zero-shot LM-loss readout is new (the first run had none)")
+    return out
+
+
+def _changed(s: _Study, c: Claim) -> str:
+    numbers = "; ".join(f"{x.name}: {x.est.text(2)} {x.unit}" for x in c.parts)
+    return changed_paragraph(c.key, c.verdict, numbers, _differences(s, c.key))
 
 
 def _parts(c: Claim, k: float, primary: str) -> list[str]:
@@ -255,7 +416,8 @@ def _claim_a_section(s: _Study) -> list[str]:
     out = [f"## (a) {ca.title}: **{ca.verdict}**\n", ca.statement + "\n", _md(pretrain_table(s.df, p)) + "\n"]
     out.append(s.fig("pretrain_val_loss", lambda: figure_pretrain(pre, p)))
     out += _parts(ca, s.k, "Primary (paper protocol)")
-    return out + ([ca.note + "\n"] if ca.note else [])
+    out += [ca.note + "\n"] if ca.note else []
+    return out + [_changed(s, ca)]
 
 
 def _ablation_a_section(s: _Study) -> list[str]:
@@ -355,6 +517,16 @@ def _task_claim_section(s: _Study, c: Claim, zero_shot: Claim | None, tables: di
     k, p = s.k, s.p
     out = [f"## ({c.key}) {c.title}: **{c.verdict}**\n", c.statement + "\n"]
     out += _parts(c, k, "Pooled over tasks and D (accuracy points)")
+    if c.key == "d":
+        out.append(
+            "Per factor (oriented differences, positive = the paper's side of the threshold; mean ± sd over "
+            "seeds):\n\n" + _md(threshold_table(c, p)) + "\n"
+        )
+    if c.readout:
+        out.append(
+            f"Zero-shot readout ({READOUT_LABEL}; pooled over domains and D; **{c.readout_verdict}** by the same "
+            f"rule, not part of the verdict):\n\n{_part_table(c.readout, k)}\n"
+        )
     if zero_shot is not None:
         out.append(
             f"Ablation without finetuning ({', '.join(p.zero_shot_tasks)}; router `merge`, no training after the "
@@ -385,6 +557,7 @@ def _task_claim_section(s: _Study, c: Claim, zero_shot: Claim | None, tables: di
             out.append(tables[name] + "\n")
     if c.verdict != SUPPORTED:
         out.append(diagnose_task(c, s.df, p))
+    out.append(_changed(s, c))
     return out + _settle(c, k)
 
 

@@ -1,6 +1,8 @@
-"""The study's stages (notebook 05), each idempotent: pretrain, pretraining losses, ablations, task study.
+"""The study's stages (notebook 05), each idempotent: pretrain, pretraining losses (+ router health), ablations, task
+study, readouts without finetuning.
 
-They reuse smoe_lab.experiments (notebooks 01 and 03 per seed) and write every number into the results store.
+They reuse smoe_lab.experiments (notebooks 01 and 03 per seed) and smoe_lab.readout_study, and write every number into
+the results store.
 """
 
 from __future__ import annotations
@@ -13,13 +15,25 @@ import numpy as np
 import pandas as pd
 import torch
 
-from .. import cachekey, checkpoint, experiments
+from .. import cachekey, checkpoint, experiments, readout_study
 from ..data.corpus import eval_window_starts, resolve_corpus
 from ..evaluate import evaluate_task
 from ..finetune import task_data
 from ..results import checkpoint_identity
+from ..router_health import FIELDS as HEALTH_FIELDS
+from ..router_health import HealthMeter
 from ..train import read_metrics
-from .study import PRETRAIN_TASK, Protocol, label, load_store, pretrain_frame, protocols, record_wall
+from .study import (
+    HEALTH_STAGE,
+    PRETRAIN_TASK,
+    Protocol,
+    health_metric,
+    label,
+    load_store,
+    pretrain_frame,
+    protocols,
+    record_wall,
+)
 
 
 def pretrain_all(p) -> pd.DataFrame:
@@ -38,10 +52,12 @@ def eval_windows(n_tokens: int, block_size: int, windows: int = 0) -> np.ndarray
 
 
 @torch.no_grad()
-def lm_loss(model, tokens: np.ndarray, starts: np.ndarray, proto: Protocol) -> dict[str, float]:
+def lm_loss(
+    model, tokens: np.ndarray, starts: np.ndarray, proto: Protocol, meter: HealthMeter | None = None
+) -> dict[str, float]:
     """Token-weighted LM loss over the windows at `starts` (in that order, batches of proto.batch_size, the last one
     smaller), in eval mode with the MoE layers set to proto's capacity factor and drop rule (restored afterwards);
-    also the share of MoE-routed tokens that were dropped."""
+    also the share of MoE-routed tokens that were dropped. meter: accumulates router health over the same passes."""
     block = model.config.block_size
     layers = model.moe_layers()
     saved = [(m.capacity_factor_eval, m.drop_tokens) for m in layers]
@@ -58,10 +74,13 @@ def lm_loss(model, tokens: np.ndarray, starts: np.ndarray, proto: Protocol) -> d
             _, loss, _ = model(x, y)
             total += float(loss) * y.numel()
             count += y.numel()
-            for t in model.telemetry():
+            tel = model.telemetry()
+            for t in tel:
                 if t is not None:
                     dropped += t.dropped_fraction * t.num_tokens
                     routed += t.num_tokens
+            if meter is not None and layers:
+                meter.update(tel)
     finally:
         for m, (cf, drop) in zip(layers, saved):
             m.capacity_factor_eval, m.drop_tokens = cf, drop
@@ -73,9 +92,12 @@ def pretraining_losses(p) -> pd.DataFrame:
     """Loss of every pretrained model under every protocol, its loss curve, size and throughput -> results store.
 
     Rows: task "corpus:val", method "none", z = d = expert count, stage "pretrain" (metrics "val_loss:<protocol>",
-    "drop_frac:<protocol>", "params", "active_params", "tokens_per_s", "train_tokens") and stage "curve" (metric
-    "val_loss", extra {"step", "tokens"}: notebook 01's periodic evaluation). A model already measured with the
-    same checkpoint and protocol is skipped. Returns one row per (seed, model, protocol).
+    "drop_frac:<protocol>", "params", "active_params", "tokens_per_s", "train_tokens"), stage "curve" (metric
+    "val_loss", extra {"step", "tokens"}: notebook 01's periodic evaluation) and, for an SMoE, stage "router": the
+    router health of each MoE layer at the end of pretraining (`router_health`: entropy / ln E, top-1 gate, expert
+    shares, drop fraction; metric "<field>:L<layer>") over the same validation windows under the paper's protocol.
+    A model already measured with the same checkpoint and protocol is skipped. Returns one row per (seed, model,
+    protocol).
     """
     store, t0 = load_store(p), time.perf_counter()
     done = set(store.rows(task=PRETRAIN_TASK)["config_hash"].dropna())
@@ -88,13 +110,19 @@ def pretraining_losses(p) -> pd.DataFrame:
             h = checkpoint.checkpoint_hash(ckpt)
             ident = dict(base_model=p.backbone, method="none", z=e, d=e, task=PRETRAIN_TASK, seed=seed)
             model = None
-            for proto in protocols(p):
+            for i, proto in enumerate(protocols(p)):
                 parts = dict(ckpt=h, protocol=proto.__dict__, windows=p.eval_windows, val=val_key)
                 key = cachekey.key("pretrain-eval", **parts)
-                if key not in done:
+                health_key = cachekey.key("router-health", **parts) if i == 0 and e > 1 else None
+                if key not in done or (health_key and health_key not in done):
                     model = model or checkpoint.load(ckpt)
                     starts = eval_windows(len(tokens), model.config.block_size, p.eval_windows)
-                    r = lm_loss(model, tokens, starts, proto)
+                    meter = HealthMeter() if health_key else None
+                    r = lm_loss(model, tokens, starts, proto, meter)
+                    if health_key and health_key not in done:
+                        _record_health(store, ident, meter, proto, health_key)
+                        done.add(health_key)
+                if key not in done:
                     extra = {**proto.__dict__, "windows": len(starts), "eval_tokens": r["tokens"]}
                     rows = [
                         {**ident, "stage": "pretrain", "metric": f"val_loss:{proto.name}", "value": r["loss"]},
@@ -126,6 +154,17 @@ def pretraining_losses(p) -> pd.DataFrame:
     record_wall(store, p, "wall:pretrain_eval", time.perf_counter() - t0)
     df = pretrain_frame(store.rows(task=PRETRAIN_TASK, stage="pretrain"))
     return df[df["metric"].str.startswith("val_loss:")].reset_index(drop=True)
+
+
+def _record_health(store, ident: dict, meter: HealthMeter, proto: Protocol, key: str) -> None:
+    """One row per (router-health field, MoE layer): stage "router", metric "<field>:L<layer>"."""
+    rows = []
+    for layer, h in enumerate(meter.result()):
+        extra = {"layer": layer, "num_experts": h.num_experts, "num_tokens": h.num_tokens, "protocol": proto.name}
+        for f in HEALTH_FIELDS:
+            v = float(getattr(h, f))
+            rows.append({**ident, "stage": HEALTH_STAGE, "metric": health_metric(f, layer), "value": v, "extra": extra})
+    store.append_many([{**r, "config_hash": key} for r in rows])
 
 
 def budget_ablation(p) -> pd.DataFrame:
@@ -245,4 +284,21 @@ def task_study(p) -> pd.DataFrame:
                     store.append(**ident, seed=seed, metric=metric, value=v, extra=extra)
         frames.append(experiments.pruning_study(pp))
     record_wall(store, p, "wall:tasks", time.perf_counter() - t0)
+    return pd.concat(frames, ignore_index=True)
+
+
+def readouts(p) -> pd.DataFrame:
+    """The low-noise readouts without finetuning (`smoe_lab.readout_study`, notebook 03's stage) for every seed: per
+    domain of p.readout_domains, the base calibrated on the domain's held-out documents, reduced with every method to
+    every target (router p.readout_router, nothing trained afterwards); LM loss on the domain's validation stream of
+    every reduction, of the unreduced base and of every other pretrained variant (the scratch models); per-layer
+    reconstruction error of each reduction. Rows: task "corpus:val_<domain>", stage "zeroshot", metrics "lm_loss",
+    "drop_frac", "recon_routed", "recon_mapped" (per-layer values in extra). Each model is measured once per cache
+    key (`smoe_lab.cachekey`). Returns one row per (seed, domain, model); empty when readout_domains is []."""
+    if not p.readout_domains:
+        return pd.DataFrame()
+    store, t0, frames = load_store(p), time.perf_counter(), []
+    for seed in p.seeds:
+        frames.append(readout_study.readout_study(p.pruning_notebook(seed)).assign(seed=seed))
+    record_wall(store, p, "wall:readouts", time.perf_counter() - t0)
     return pd.concat(frames, ignore_index=True)

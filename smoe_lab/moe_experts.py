@@ -1,0 +1,370 @@
+"""The stacked experts (`Experts`: w_in [E, d_model, d_ff], b_in, w_out, b_out) and the expert paths that run each
+kept token through its expert (`dispatch_combine`, `resolve_path`): "grouped", "padded" and "grouped_mm", all
+dispatching and combining by row gathers in both directions. Used by smoe_lab.moe.MoELayer; everything here is
+re-exported there. See smoe_lab/moe.py's docstring for the paths' host syncs.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .moe_routing import Routing, count_per_expert
+
+
+def gelu(x: Tensor) -> Tensor:
+    """GPT-2's GELU (tanh approximation)."""
+    return F.gelu(x, approximate="tanh")
+
+
+class Experts(nn.Module):
+    """E two-layer GELU FFNs as stacked parameters; expert e: gelu(x @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e]."""
+
+    def __init__(self, num_experts: int, d_model: int, d_ff: int):
+        super().__init__()
+        self.w_in = nn.Parameter(torch.empty(num_experts, d_model, d_ff))
+        self.b_in = nn.Parameter(torch.zeros(num_experts, d_ff))
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_ff, d_model))
+        self.b_out = nn.Parameter(torch.zeros(num_experts, d_model))
+        self.pool = BufferPool()  # CPU gradient buffers reused across steps (see BufferPool)
+
+    @property
+    def num_experts(self) -> int:
+        return self.w_in.shape[0]
+
+    def train(self, mode: bool = True):
+        if not mode:
+            self.pool.clear()
+        return super().train(mode)
+
+    def forward_padded(self, xb: Tensor) -> Tensor:
+        """xb: [E, C, d_model] -> [E, C, d_model]; bias adds fused into the batched matmuls (baddbmm)."""
+        h = gelu(torch.baddbmm(self.b_in.unsqueeze(1), xb, self.w_in))  # [E, C, d_ff]
+        return torch.baddbmm(self.b_out.unsqueeze(1), h, self.w_out)  # [E, C, d_model]
+
+    def forward_grouped(self, xs: Tensor, counts: list[int]) -> Tensor:
+        """xs [M, d_model] sorted by expert (counts[e] rows for expert e) -> [M, d_model]; no padding."""
+        m = xs.shape[0]
+        rows = torch.arange(m, device=xs.device)
+        scale = torch.ones(m, dtype=xs.dtype, device=xs.device)
+        pool = self.pool if xs.device.type == "cpu" else None
+        args = (self.w_in, self.b_in, self.w_out, self.b_out)
+        return _GroupedMoE.apply(xs, scale, rows, rows, list(counts), pool, *args)
+
+    def forward_one(self, e: int, x: Tensor) -> Tensor:
+        """Expert e on x [n, d_model] (reference path)."""
+        return gelu(x @ self.w_in[e] + self.b_in[e]) @ self.w_out[e] + self.b_out[e]
+
+
+EXPERT_PATHS = ("grouped", "padded", "grouped_mm")
+CUDA_DEFAULT_PATH = "padded"  # set from benchmarks/gpu.sh's measurement; SMOE_LAB_MOE_PATH overrides it
+
+
+def resolve_path(path: str | None, device: torch.device) -> str:
+    """The expert path to run: an explicit `path`, else $SMOE_LAB_MOE_PATH, else the device's measured default.
+
+    "grouped"     tokens sorted by expert, one matmul pair per expert on its exact slice (`_ExpertFFN`), weight
+                  gradients written in place. Reads the per-expert counts on the host (free on CPU; a sync on CUDA).
+                  The CPU default: <= 1.1x the ideal stacked layer at 8-128 experts (benchmarks/bench_moe.py).
+    "padded"      a static [E, capacity, d] buffer and two baddbmm: no host read at all, at the price of
+                  capacity - count_e padding rows per expert. The CUDA default until gpu.sh measures otherwise.
+    "grouped_mm"  tokens sorted by expert and torch._grouped_mm (one CUTLASS grouped GEMM per matmul, bf16 on
+                  sm90+): no padding and no host read. Needs torch._grouped_mm; elsewhere torch runs a slow fallback.
+    """
+    path = path or os.environ.get("SMOE_LAB_MOE_PATH") or "auto"
+    if path == "auto":
+        return "grouped" if device.type == "cpu" else CUDA_DEFAULT_PATH
+    if path not in EXPERT_PATHS:
+        raise ValueError(
+            f"unknown MoE expert path {path!r} (SMOE_LAB_MOE_PATH?); known: auto, {', '.join(EXPERT_PATHS)}"
+        )
+    if path == "grouped_mm" and not hasattr(torch, "_grouped_mm"):
+        raise ValueError(
+            f"MoE expert path 'grouped_mm' needs torch._grouped_mm (torch >= 2.8), torch is {torch.__version__}"
+        )
+    return path
+
+
+class _GatherRows(torch.autograd.Function):
+    """y = x[fwd_idx] whose backward is also a gather: grad_x = where(bwd_mask, grad_y[bwd_idx], 0).
+
+    Exact when every x row feeds at most one y row with a non-zero gradient (bwd_idx points at that row, bwd_mask
+    is False where there is none) - true for top-1 dispatch and combine. It replaces the scatter-add backward of
+    index_select, the largest dispatch cost on CPU. `where`, not a product: masked rows may hold garbage (the rows
+    past the last group of torch._grouped_mm are never written), and garbage * 0 can be NaN.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor, fwd_idx: Tensor, bwd_idx: Tensor, bwd_mask: Tensor) -> Tensor:
+        ctx.save_for_backward(bwd_idx, bwd_mask)
+        return x.index_select(0, fwd_idx)
+
+    @staticmethod
+    def backward(ctx, grad_y: Tensor):
+        bwd_idx, bwd_mask = ctx.saved_tensors
+        grad_x = torch.where(bwd_mask.unsqueeze(1), grad_y.index_select(0, bwd_idx), 0)
+        return grad_x, None, None, None
+
+
+def _gelu_backward(grad: Tensor, h: Tensor) -> Tensor:
+    return torch.ops.aten.gelu_backward(grad, h, approximate="tanh")
+
+
+def _storage_refs(t: Tensor) -> int:
+    return torch._C._storage_Use_Count(t.untyped_storage()._cdata)
+
+
+_ONE_HOLDER = _storage_refs(torch.empty(1))  # what _storage_refs reads for a storage that one tensor holds
+
+
+class BufferPool:
+    """CPU buffers an MoE layer's backward reuses from step to step: the stacked weight gradients.
+
+    Why: with gradients set to None every step, a fresh [E, d_model, d_ff] gradient is a fresh large allocation;
+    above glibc's mmap threshold (32 MB) every step maps new pages and pays a page fault per 4 KiB on first touch
+    (at 128 experts, d 256 x 1024, this was most of the cost of the ideal stacked layer). A pooled buffer is reused
+    only when nothing outside the pool still holds its storage (the optimizer dropped p.grad, set_to_none), so a
+    gradient the caller keeps is never overwritten; otherwise a new one is allocated and pooled. Gradients are
+    handed out as fresh views, so autograd's AccumulateGrad adopts them without a copy. The pool holds memory
+    between steps (the size of one set of expert gradients, which the next backward needs anyway: the peak is
+    unchanged); `clear()` releases it (MoELayer.eval() does). Activations and backward temporaries are not pooled:
+    a pool per layer would hold each layer's temporaries at once, where autograd holds one layer's.
+    """
+
+    def __init__(self):
+        self.buffers: dict[str, Tensor] = {}
+
+    def get(self, key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        b = self.buffers.get(key)
+        fits = b is not None and b.shape == shape and b.dtype == like.dtype and b.device == like.device
+        if not (fits and _storage_refs(b) <= _ONE_HOLDER):
+            b = like.new_empty(shape)
+            self.buffers[key] = b
+        return b.view(shape)
+
+    def clear(self) -> None:
+        self.buffers.clear()
+
+    def __deepcopy__(self, memo):
+        return BufferPool()  # a copied layer starts with an empty pool
+
+
+class _GroupedMoE(torch.autograd.Function):
+    """Dispatch + grouped expert FFN + gate-scaled combine in one autograd node (the "grouped" path).
+
+    x [N, d] tokens; scale [N] = gate for kept tokens, 0 for dropped; order [M] token of each sorted row (kept
+    tokens, grouped by expert); row [N] sorted row of each token (M, a zero row, for dropped ones); counts[e] rows
+    per expert (host ints). Rows of expert e get gelu(x @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e].
+
+    Every matmul writes into one preallocated tensor (`out=`), so each stacked weight gradient is allocated once
+    (pooled, see BufferPool) and filled slice by slice: no per-expert gradients stacked afterwards and no
+    per-expert full-size zero gradients (what indexing w_in[e] costs). GELU, its backward and the bias gradients
+    are one call each over all rows; dispatch and combine are single row gathers both ways.
+    """
+
+    @staticmethod
+    def forward(ctx, x, scale, order, row, counts, pool, w_in, b_in, w_out, b_out):
+        m, d, f = order.numel(), x.shape[1], w_in.shape[2]
+        bounds = _bounds(counts)
+        xs = x.index_select(0, order)  # [M, d]
+        h = xs.new_empty(m, f)  # [M, d_ff] pre-activation
+        for e, (s, t) in bounds:
+            torch.addmm(b_in[e], xs[s:t], w_in[e], out=h[s:t])
+        a = gelu(h)  # [M, d_ff]
+        ys = xs.new_empty(m + 1, d)  # [M + 1, d]; the last row is the zero output of dropped tokens
+        ys[m] = 0
+        for e, (s, t) in bounds:
+            torch.addmm(b_out[e], a[s:t], w_out[e], out=ys[s:t])
+        ctx.counts, ctx.pool = counts, pool
+        ctx.save_for_backward(xs, h, a, ys, scale, order, row, w_in, w_out)
+        return ys.index_select(0, row).mul_(scale.to(ys.dtype).unsqueeze(1))  # [N, d]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        xs, h, a, ys, scale, order, row, w_in, w_out = ctx.saved_tensors
+        counts, pool = ctx.counts, ctx.pool
+        need_x, need_scale = ctx.needs_input_grad[:2]
+        need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[6:]
+        need_gh = need_x or need_w_in or need_b_in
+        m, n, num_e = order.numel(), row.numel(), len(counts)
+        bounds = _bounds(counts)
+        get = pool.get if pool is not None else (lambda key, shape, like: like.new_empty(shape))
+        row_expert = torch.repeat_interleave(torch.tensor(counts, device=xs.device))  # [M] expert of each row
+        g = grad_out.index_select(0, order)  # [M, d] in sorted order
+        grad_scale = gw_in = gb_in = gw_out = gb_out = grad_x = None
+        if need_scale:  # d out / d scale = the unscaled expert output of the token
+            grad_scale = torch.zeros(n, dtype=scale.dtype, device=scale.device)
+            grad_scale.index_copy_(0, order, torch.linalg.vecdot(g, ys[:m]).to(scale.dtype))
+        g.mul_(scale.index_select(0, order).to(g.dtype).unsqueeze(1))  # grad of the sorted outputs
+        gw_out = get("w_out", tuple(w_out.shape), w_out) if need_w_out else None
+        ga = torch.empty_like(a) if need_gh else None  # [M, d_ff]
+        for e, (s, t) in bounds:
+            if need_w_out:
+                torch.mm(a[s:t].T, g[s:t], out=gw_out[e])
+            if need_gh:
+                torch.mm(g[s:t], w_out[e].T, out=ga[s:t])
+        if need_b_out:
+            gb_out = g.new_zeros(num_e, g.shape[1]).index_add_(0, row_expert, g)
+        if need_gh:
+            gh = _gelu_backward(ga, h)  # [M, d_ff]
+            gw_in = get("w_in", tuple(w_in.shape), w_in) if need_w_in else None
+            gxs = xs.new_empty(m + 1, xs.shape[1]) if need_x else None  # [M + 1, d]; row M: dropped tokens' zero
+            for e, (s, t) in bounds:
+                if need_w_in:
+                    torch.mm(xs[s:t].T, gh[s:t], out=gw_in[e])
+                if need_x:
+                    torch.mm(gh[s:t], w_in[e].T, out=gxs[s:t])
+            if need_b_in:
+                gb_in = gh.new_zeros(num_e, gh.shape[1]).index_add_(0, row_expert, gh)
+            if need_x:
+                gxs[m] = 0
+                grad_x = gxs.index_select(0, row)
+        empty = [e for e, c in enumerate(counts) if c == 0]
+        for gw in (gw_in, gw_out):
+            if gw is not None and empty:  # an expert without tokens gets a zero gradient
+                gw[empty] = 0
+        return grad_x, grad_scale, None, None, None, None, gw_in, gb_in, gw_out, gb_out
+
+
+def _bounds(counts: list[int]) -> list[tuple[int, tuple[int, int]]]:
+    """(expert, (start, end)) of each non-empty expert's rows."""
+    out, s = [], 0
+    for e, c in enumerate(counts):
+        if c:
+            out.append((e, (s, s + c)))
+        s += c
+    return out
+
+
+@dataclass
+class DispatchPlan:
+    """Where each kept token goes in the padded [E, C, d] expert buffer (see `dispatch`)."""
+
+    slot: Tensor  # [N] buffer slot of each token (0 for dropped tokens, whose output is masked out)
+    src: Tensor  # [E*C] token feeding each slot (0 for unused slots, whose outputs are never read)
+    filled: Tensor  # [E*C] bool: slot holds a kept token
+    capacity: int  # C
+
+
+def plan_dispatch(r: Routing, num_experts: int) -> DispatchPlan | None:
+    """Slots in a static buffer of C = r.capacity rows per expert; None if the buffer would be empty.
+
+    Built by scatters only (no boolean indexing, no nonzero, no count read back): sync-free on CUDA. Dropped
+    tokens scatter into one extra dump slot that is cut off.
+    """
+    c = r.capacity
+    if c == 0 or r.kept.numel() == 0:
+        return None
+    n, size, dev = r.kept.numel(), num_experts * c, r.kept.device
+    slot_or_dump = torch.where(r.kept, r.expert_index * c + r.position, size)  # [N]
+    src = torch.zeros(size + 1, dtype=torch.long, device=dev).scatter_(0, slot_or_dump, torch.arange(n, device=dev))
+    filled = torch.zeros(size + 1, dtype=torch.bool, device=dev).scatter_(0, slot_or_dump, r.kept)
+    slot = torch.where(r.kept, slot_or_dump, 0)  # [N]
+    return DispatchPlan(slot, src[:size], filled[:size], c)
+
+
+def dispatch(x: Tensor, r: Routing, plan: DispatchPlan) -> Tensor:
+    """x [N, d] -> expert buffer [E, C, d] (a row gather both ways, see _GatherRows)."""
+    e = plan.src.numel() // plan.capacity
+    return _GatherRows.apply(x, plan.src, plan.slot, r.kept).view(e, plan.capacity, x.shape[1])
+
+
+def combine(yb: Tensor, r: Routing, plan: DispatchPlan) -> Tensor:
+    """Expert outputs [E, C, d] -> [N, d], each kept token scaled by its gate, dropped tokens 0."""
+    y = _GatherRows.apply(yb.reshape(-1, yb.shape[-1]), plan.slot, plan.src, plan.filled)  # [N, d]
+    return _gate(y, r)
+
+
+def _gate(y: Tensor, r: Routing) -> Tensor:
+    """y [N, d] rows of kept tokens scaled by their gate; dropped tokens exactly 0 (whatever their row held)."""
+    return torch.where(r.kept.unsqueeze(1), y, 0) * r.gate.to(y.dtype).unsqueeze(1)
+
+
+@dataclass
+class GroupPlan:
+    """Tokens sorted by expert (kept first, token order within an expert), for the unpadded paths."""
+
+    order: Tensor  # [N] token of each sorted row (kept rows first; rows >= the kept total are dropped tokens)
+    inverse: Tensor  # [N] sorted row of each token
+    counts: Tensor  # [E] long: kept rows per expert
+    row_kept: Tensor  # [N] bool: sorted row holds a kept token
+
+
+def plan_groups(r: Routing, num_experts: int) -> GroupPlan:
+    """A stable sort by (kept expert | dropped last): sync-free (no row count is read back)."""
+    key = torch.where(r.kept, r.expert_index, num_experts)  # [N]; dropped and padding sort last
+    order = torch.sort(key, stable=True).indices  # [N]
+    inverse = torch.empty_like(order)
+    inverse[order] = torch.arange(order.numel(), device=order.device)
+    return GroupPlan(order, inverse, count_per_expert(r.expert_index, num_experts, r.kept), r.kept[order])
+
+
+def _grouped(experts: Experts, x: Tensor, r: Routing) -> Tensor:
+    """The "grouped" path: kept rows only, one addmm pair per expert (host-side counts), see _GroupedMoE."""
+    gp = plan_groups(r, experts.num_experts)
+    counts = gp.counts.tolist()  # the host read of this path
+    m = sum(counts)
+    if m == 0:
+        return x.new_zeros(x.shape)
+    row = torch.where(r.kept, gp.inverse, m)  # [N]; dropped tokens read the zero row M
+    scale = r.gate * r.kept  # [N]
+    pool = experts.pool if x.device.type == "cpu" else None
+    p = experts
+    return _GroupedMoE.apply(x, scale, gp.order[:m], row, counts, pool, p.w_in, p.b_in, p.w_out, p.b_out)
+
+
+def _grouped_mm(experts: Experts, x: Tensor, r: Routing) -> Tensor:
+    """The "grouped_mm" path: all N rows sorted by expert, kept rows first; torch._grouped_mm over the kept groups.
+
+    Rows past the last group (dropped tokens) are never written by the grouped GEMM and are masked out by `where`
+    in both directions. bf16 under autocast (the CUTLASS kernel is bf16-only); otherwise the parameters' dtype.
+    """
+    gp = plan_groups(r, experts.num_experts)
+    offs = torch.cumsum(gp.counts, 0).to(torch.int32)  # [E] end row of each expert's group
+    dt = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+    p = experts
+    with torch.autocast(x.device.type, enabled=False):
+        xs = _GatherRows.apply(x.to(dt), gp.order, gp.inverse, r.kept)  # [N, d]
+        row_expert = torch.where(gp.row_kept, r.expert_index[gp.order], 0)  # [N]
+        h = torch._grouped_mm(xs, p.w_in.to(dt), offs=offs) + p.b_in.to(dt).index_select(0, row_expert)
+        h = torch.where(gp.row_kept.unsqueeze(1), h, 0)  # rows past the last group hold garbage
+        ys = torch._grouped_mm(gelu(h), p.w_out.to(dt), offs=offs) + p.b_out.to(dt).index_select(0, row_expert)
+        y = _GatherRows.apply(ys, gp.inverse, gp.order, gp.row_kept)  # [N, d]
+    return _gate(y, r)
+
+
+def _padded(experts: Experts, x: Tensor, r: Routing) -> Tensor:
+    plan = plan_dispatch(r, experts.num_experts)
+    if plan is None:
+        return x.new_zeros(x.shape)
+    return combine(experts.forward_padded(dispatch(x, r, plan)), r, plan)
+
+
+def dispatch_combine(
+    experts: Experts, x: Tensor, r: Routing, grouped: bool | None = None, path: str | None = None
+) -> Tensor:
+    """Run each kept token through its expert, scale by its gate; dropped tokens get zeros. x [N, d] -> [N, d].
+
+    path: "grouped", "padded" or "grouped_mm" (see `resolve_path`); None: $SMOE_LAB_MOE_PATH or the device's
+    default. `grouped=True/False` is the older spelling of path="grouped"/"padded". Every path dispatches and
+    combines by row gathers in both directions (_GatherRows); no [tokens, experts, capacity] tensor exists.
+    """
+    if grouped is not None:
+        path = "grouped" if grouped else "padded"
+    path = resolve_path(path, x.device)
+    return {"grouped": _grouped, "padded": _padded, "grouped_mm": _grouped_mm}[path](experts, x, r)
+
+
+def moe_reference(experts: Experts, x: Tensor, r: Routing) -> Tensor:
+    """The simple oracle: loop over experts with boolean masks. x [N, d] -> [N, d]."""
+    out = torch.zeros_like(x)
+    for e in range(experts.num_experts):
+        sel = r.kept & (r.expert_index == e)
+        if sel.any():
+            out[sel] = r.gate[sel].unsqueeze(1).to(x.dtype) * experts.forward_one(e, x[sel])
+    return out
