@@ -60,7 +60,8 @@ def accuracy_vs_experts(
     class as dotted lines. Every point has a 95% interval: Wilson on its n examples for one accuracy, t over seeds
     where there are several; points sharing a D stand side by side; a model that gives one answer to (nearly)
     every example (top_pred_share >= ONE_CLASS_SHARE) is crossed out. Also any other metric column of `rows`
-    (e.g. the zero-shot readouts' lm_loss, with a title saying so; no Wilson interval there). n: examples per accuracy when the rows carry no n_eval column."""
+    (e.g. the zero-shot readouts' lm_loss, with a title saying so; no Wilson interval there). n: examples per
+    accuracy when the rows carry no n_eval column."""
     df = rows[rows["task"] == task]
     proportion = metric in ACCURACY_METRICS
     fig = go.Figure()
