@@ -9,7 +9,7 @@ import plotly.graph_objects as go
 from ..evaluate import wilson_interval
 from .core import PALETTE
 
-ONE_CLASS_SHARE = 0.999  # a model whose most frequent answer covers this share of examples "predicts one class"
+ONE_CLASS_SHARE = 0.98  # a model giving the same answer to at least this share of examples is flagged
 ACCURACY_METRICS = ("accuracy", "acc_norm", "dev_accuracy", "dev_acc_norm")
 
 
@@ -58,9 +58,10 @@ def accuracy_vs_experts(
     """Accuracy after finetuning vs experts kept per layer: one series per reduction method, models trained from
     scratch (method 'none') as stars, the unreduced base as a dashed line and a diamond, chance and the majority
     class as dotted lines. Every point has a 95% interval: Wilson on its n examples for one accuracy, t over seeds
-    where there are several; points sharing a D stand side by side; a model that gives one answer to every
-    example is crossed out. Also any other metric column of `rows` (e.g. the zero-shot readouts' lm_loss, with a
-    title saying so; no Wilson interval there). n: examples per accuracy when the rows carry no n_eval column."""
+    where there are several; points sharing a D stand side by side; a model that gives one answer to (nearly)
+    every example (top_pred_share >= ONE_CLASS_SHARE) is crossed out. Also any other metric column of `rows`
+    (e.g. the zero-shot readouts' lm_loss, with a title saying so; no Wilson interval there). n: examples per
+    accuracy when the rows carry no n_eval column."""
     df = rows[rows["task"] == task]
     proportion = metric in ACCURACY_METRICS
     fig = go.Figure()
@@ -118,7 +119,8 @@ def accuracy_vs_experts(
         x, y, who = zip(*one_class)
         fig.add_trace(
             go.Scatter(
-                x=x, y=y, mode="markers", name="one answer for every example", text=who, hoverinfo="text",
+                x=x, y=y, mode="markers", name=f"same answer for >= {ONE_CLASS_SHARE:.0%} of examples", text=who,
+                hoverinfo="text",
                 marker=dict(symbol="x-thin-open", size=18, color="#d62728", line=dict(width=2, color="#d62728")),
             )
         )  # fmt: skip
@@ -128,9 +130,10 @@ def accuracy_vs_experts(
             annotation_position="bottom left",
         )  # fmt: skip
     if majority is not None and np.isfinite(majority):
-        fig.add_hline(
-            y=majority, line=dict(dash="dot", color="#ff7f0e"), annotation_text=f"majority class {majority:.3f}",
-            annotation_position="top left", annotation_font_color="#ff7f0e",
+        fig.add_hline(y=majority, line=dict(dash="dot", color="#ff7f0e"))
+        fig.add_annotation(  # between the first two D ticks of the log axis: clear of the points
+            x=0.3, xref="paper", y=majority, yanchor="bottom", showarrow=False, font=dict(color="#ff7f0e"),
+            text=f"majority class {majority:.3f}",
         )  # fmt: skip
     ticks = sorted(set(df["d"].tolist()) | ({z_max} if z_max else set()))
     ns = sorted(x for x in n_seen if x)

@@ -66,7 +66,10 @@ def similarity_heatmap(view, title: str | None = None, width: int = 620, height:
         fig.add_shape(type="line", y0=b, y1=b, x0=-0.5, x1=len(order) - 0.5, line=dict(color="white", width=1))
     what = "kept first" if _is_pruning(view) else "grouped"
     fig.update_layout(
-        title=title or f"Layer {view.layer}: router-logit similarity S (1+cos)/2, {what} by {view.method} (D={view.D})",
+        title=title
+        or f"Layer {view.layer}: router-logit similarity S = (1+cos)/2<br><sup>{what} by {view.method} (D={view.D})"
+        + (f"; {_data_note(view)}" if _data_note(view) else "")
+        + "</sup>",
         width=width,
         height=height,
         template="plotly_white",
@@ -135,7 +138,8 @@ def tsne_scatter(view, title: str | None = None, width: int = 620, height: int =
         xaxis=dict(title="t-SNE 1", showticklabels=False),
         yaxis=dict(title="t-SNE 2", showticklabels=False),
         margin=dict(l=40, r=20, t=60, b=40),
-        legend=dict(itemsizing="constant"),
+        # narrow (the explorer's grid): the legend under the plot, so the points keep the width
+        legend=dict(itemsizing="constant", **(dict(orientation="h", y=-0.12) if width < 600 else {})),
     )
     return fig
 
