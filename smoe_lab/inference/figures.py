@@ -16,7 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from ..plots import PALETTE
+from ..plots import PALETTE, iqr_error
 
 
 def protocol_note(df: pd.DataFrame) -> str:
@@ -39,11 +39,6 @@ def _title(main: str, df: pd.DataFrame) -> dict:
     return dict(text=f"{main}<br><sup>{protocol_note(df)}</sup>")
 
 
-def _err(df: pd.DataFrame, col: str) -> dict:
-    lo, hi = df[f"{col}_q25"], df[f"{col}_q75"]
-    return dict(type="data", symmetric=False, array=(hi - df[col]).to_numpy(), arrayminus=(df[col] - lo).to_numpy())
-
-
 def fig2a_loss_vs_latency(profile: pd.DataFrame) -> go.Figure:
     """Validation loss (notebook 01) vs forward latency, one point per expert count; one line per rank count."""
     df = profile.dropna(subset=["val_loss"]).sort_values(["ranks", "experts"])
@@ -55,7 +50,7 @@ def fig2a_loss_vs_latency(profile: pd.DataFrame) -> go.Figure:
             go.Scatter(
                 x=g["latency_ms"],
                 y=g["val_loss"],
-                error_x=_err(g, "latency_ms"),
+                error_x=iqr_error(g, "latency_ms"),
                 mode="markers+lines+text",
                 text=g["model"],
                 textposition="top center",
@@ -154,7 +149,7 @@ def fig4_all2all_vs_experts(profile: pd.DataFrame, ranks: int | None = None) -> 
             go.Bar(
                 x=x,
                 y=df["all2all_ms"],
-                error_y=_err(df, "all2all_ms"),
+                error_y=iqr_error(df, "all2all_ms"),
                 name="all-to-all",
                 offsetgroup=0,
                 marker_color=PALETTE[1],
@@ -164,7 +159,7 @@ def fig4_all2all_vs_experts(profile: pd.DataFrame, ranks: int | None = None) -> 
         go.Bar(
             x=x,
             y=df["expert_ms"],
-            error_y=_err(df, "expert_ms"),
+            error_y=iqr_error(df, "expert_ms"),
             name="expert compute",
             offsetgroup=1,
             marker_color=PALETTE[0],
@@ -195,7 +190,7 @@ def fig5_latency_vs_ranks(scaling: pd.DataFrame) -> go.Figure:
         go.Scatter(
             x=df["ranks"],
             y=df["latency_ms"],
-            error_y=_err(df, "latency_ms"),
+            error_y=iqr_error(df, "latency_ms"),
             mode="lines+markers",
             name="forward latency",
             marker=dict(size=11, symbol=symbols, color=PALETTE[0]),
@@ -230,7 +225,9 @@ def payoff_bars(payoff: pd.DataFrame, profile: pd.DataFrame, ranks: int | None =
     fig = make_subplots(rows=1, cols=2, subplot_titles=("forward latency (ms)", "peak memory per rank (MiB)"))
     colors = [PALETTE[0] if "base" in k else PALETTE[1] if "reduced" in k else PALETTE[2] for k in df["kind"]]
     fig.add_trace(
-        go.Bar(x=df["model"], y=df["latency_ms"], error_y=_err(df, "latency_ms"), marker_color=colors, name="latency"),
+        go.Bar(
+            x=df["model"], y=df["latency_ms"], error_y=iqr_error(df, "latency_ms"), marker_color=colors, name="latency"
+        ),
         row=1,
         col=1,
     )

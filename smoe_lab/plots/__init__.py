@@ -35,6 +35,7 @@ from .core import (  # noqa: F401
     PALETTE,
     experts_axis,
     forest_plot,
+    iqr_error,
     loss_curves,
     mean_sd_bars,
     mean_sd_trace,
@@ -44,7 +45,6 @@ from .core import (  # noqa: F401
     zero_line,
 )
 from .cost import (  # noqa: F401
-    _iqr,
     latency_note,
     loss_vs_latency,
     moe_breakdown_bars,

@@ -146,3 +146,12 @@ def loss_curves(
 
 # -- cluster explorer ----------------------------------------------------------------------------------------------
 DROPPED = "#bbbbbb"
+
+
+def iqr_error(df, col: str) -> dict[str, Any] | None:
+    """Asymmetric error bars from the median column `col` to its quartile columns `col`_q25 / `col`_q75 (None when
+    the frame has no quartiles)."""
+    if f"{col}_q25" not in df or f"{col}_q75" not in df:
+        return None
+    lo, hi = df[f"{col}_q25"], df[f"{col}_q75"]
+    return dict(type="data", symmetric=False, array=(hi - df[col]).to_numpy(), arrayminus=(df[col] - lo).to_numpy())

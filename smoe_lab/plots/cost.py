@@ -8,7 +8,7 @@ from typing import Any
 import plotly.graph_objects as go
 
 from ..router_health import WARN_ENTROPY_RATIO
-from .core import PALETTE
+from .core import PALETTE, iqr_error
 
 
 # -- inference cost ------------------------------------------------------------------------------------------------
@@ -25,22 +25,13 @@ def latency_note(profile) -> str:
     return text
 
 
-def _iqr(df, col: str, axis: str = "y") -> dict[str, Any] | None:
-    if f"{col}_q25" not in df or f"{col}_q75" not in df:
-        return None
-    return dict(
-        type="data", symmetric=False, array=(df[f"{col}_q75"] - df[col]).to_numpy(),
-        arrayminus=(df[col] - df[f"{col}_q25"]).to_numpy(),
-    )  # fmt: skip
-
-
 def loss_vs_latency(profile, title: str = "Validation loss vs inference latency per expert count (Fig 2a)"):
     """The paper's Fig 2a: validation loss vs forward latency, one point per expert count (bars: IQR of timings)."""
     fig = go.Figure(
         go.Scatter(
             x=profile["latency_ms"],
             y=profile["val_loss"],
-            error_x=_iqr(profile, "latency_ms"),
+            error_x=iqr_error(profile, "latency_ms"),
             mode="markers+text+lines",
             text=profile["model"],
             textposition="top center",
@@ -66,7 +57,9 @@ def moe_breakdown_bars(profile) -> go.Figure:
     fig = go.Figure()
     for i, c in enumerate(parts):
         fig.add_trace(
-            go.Bar(x=df["model"], y=df[c], name=c[4:-3], marker_color=PALETTE[i % len(PALETTE)], error_y=_iqr(df, c))
+            go.Bar(
+                x=df["model"], y=df[c], name=c[4:-3], marker_color=PALETTE[i % len(PALETTE)], error_y=iqr_error(df, c)
+            )
         )
     note = latency_note(profile)
     fig.update_layout(
