@@ -1,9 +1,11 @@
 """smoe_lab.ds.jit: a build lock left by a killed JIT build must not hang the next DeepSpeed start for ever."""
 
+import importlib
 import os
 import time
 
 import pytest
+from required import need_module
 
 from smoe_lab.ds import jit
 
@@ -69,3 +71,28 @@ def test_ninja_of_the_venv_is_put_on_path(tmp_path, monkeypatch):
     before = os.environ["PATH"]
     jit.ensure_ninja_on_path(str(bin_dir / "python"))  # found now: PATH unchanged
     assert os.environ["PATH"] == before
+
+
+def test_skip_shm_allreduce_means_no_shm_op_is_built(monkeypatch):
+    need_module("deepspeed", "deepspeed")
+    import deepspeed
+    import deepspeed.ops
+
+    ds_torch = importlib.import_module("deepspeed.comm.torch")  # (deepspeed.comm.torch as an attribute is torch)
+
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, jit.SHM_OP, deepspeed.ops.__compatible_ops__.get(jit.SHM_OP))
+    built = []
+    monkeypatch.setattr(
+        type(deepspeed.accelerator.get_accelerator()),
+        "create_op_builder",
+        lambda self, name: built.append(name) or _Builder(),
+    )
+    jit.skip_shm_allreduce()
+    assert ds_torch.build_shm_op() is None and built == ["ShareMemCommBuilder"]  # asked for, never loaded
+
+
+class _Builder:
+    NAME = jit.SHM_OP
+
+    def load(self):
+        raise AssertionError("the shm op was loaded (built) although skip_shm_allreduce() was called")

@@ -65,13 +65,16 @@ def accelerator_name() -> str:
     return get_accelerator().device_name()
 
 
-def init_distributed() -> None:
-    """torch.distributed through DeepSpeed: the launcher's environment, or a local one-process group."""
+def init_distributed(shm_allreduce: bool = True) -> None:
+    """torch.distributed through DeepSpeed: the launcher's environment, or a local one-process group.
+    shm_allreduce=False: without DeepSpeed's CPU shm all-reduce op (for processes that never all-reduce; see jit)."""
     import deepspeed
 
     if torch.distributed.is_initialized():
         return
     jit.prepare()  # its own JIT build folder, no stale build lock (a hang for ever otherwise), ninja on PATH
+    if not shm_allreduce:
+        jit.skip_shm_allreduce()
     if "RANK" not in os.environ:  # not launched by `deepspeed` / torchrun: a world of one
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
         os.environ.setdefault("MASTER_ADDR", "127.0.0.1")

@@ -13,6 +13,11 @@ So, before DeepSpeed starts, `prepare()`:
   cores), with a warning naming the file;
 - puts the interpreter's own bin folder on PATH when `ninja` (a DeepSpeed dependency, installed into the venv) is
   not on it: `.venv/bin/python -m pytest` runs without an activated venv.
+
+`skip_shm_allreduce()` is for processes that never all-reduce (the expert-parallel profile's ranks, which time
+all-to-all and expert compute): DeepSpeed builds the shm op at every process-group start on CPU, ~30 s the first
+time in a fresh environment, only to speed up `all_reduce` / `inference_all_reduce`; without it those fall back to
+torch.distributed's own all_reduce and nothing else changes.
 """
 
 from __future__ import annotations
@@ -75,6 +80,17 @@ def ensure_ninja_on_path(executable: str = sys.executable) -> None:
     bin_dir = Path(executable).parent
     if (bin_dir / "ninja").is_file():
         os.environ["PATH"] = os.pathsep.join([p for p in (os.environ.get("PATH", ""), str(bin_dir)) if p])
+
+
+SHM_OP = "deepspeed_shm_comm"  # ShareMemCommBuilder.NAME
+
+
+def skip_shm_allreduce() -> None:
+    """Mark DeepSpeed's CPU shm all-reduce op incompatible so that the next process-group start neither builds nor
+    loads it (deepspeed.comm.torch.build_shm_op returns None for an incompatible op)."""
+    import deepspeed.ops
+
+    deepspeed.ops.__compatible_ops__[SHM_OP] = False
 
 
 def prepare() -> Path | None:
