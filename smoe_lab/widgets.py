@@ -10,6 +10,7 @@ puts the error in the info line (`ExplorerWidget.error`), so the page never show
 from __future__ import annotations
 
 import html
+import math
 from typing import Any
 
 import ipywidgets as w
@@ -41,6 +42,11 @@ def budget_line(view: LayerView, num_layers: int) -> str:
     return f"; global budget {view.requested_D} x {num_layers} layers = {view.budget}: <b>{view.D} here</b>"
 
 
+def silhouette_text(value: float) -> str:
+    """The silhouette, or why there is none (it needs 2 <= groups < Z: not at D = 1 or D = Z)."""
+    return f"silhouette {value:.3f}" if math.isfinite(value) else "silhouette n/a (needs 2 <= D < Z)"
+
+
 def info_line(explorer: ClusterExplorer, view: LayerView) -> str:
     z = explorer.experts_per_layer[view.layer]
     kept = float(view.frequencies[view.centres].sum())
@@ -48,7 +54,7 @@ def info_line(explorer: ClusterExplorer, view: LayerView) -> str:
     return (
         f"<b>layer {view.layer}</b>: Z={z} -> D={view.D} with <b>{view.method}</b>"
         f"{budget_line(view, explorer.num_layers)}; {who} carry {kept:.1%} of the tokens; "
-        f"eigengap {view.eigengap:.3f}; silhouette {view.silhouette:.3f}; largest-gap D = {view.suggested_D}"
+        f"eigengap {view.eigengap:.3f}; {silhouette_text(view.silhouette)}; largest-gap D = {view.suggested_D}"
         f"<br>{health_line(explorer.health(view.layer))}"
     )
 

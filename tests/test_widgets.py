@@ -1,5 +1,7 @@
 """The explorer's controls redraw from the cached artifact: changing a control changes the figures' data."""
 
+import re
+
 import numpy as np
 import pytest
 from planted import D, Z, batches, planted_model
@@ -81,3 +83,11 @@ def test_a_failed_redraw_shows_the_error_and_no_stale_figures(widget, monkeypatc
     monkeypatch.undo()
     widget.D.value = D
     assert widget.error is None and widget.figures and ERROR_MARK not in widget.info.value
+
+
+def test_silhouette_says_why_it_is_missing_at_d1_and_dz(widget):
+    widget.method.value = "uncurl"
+    widget.D.value = 1
+    assert "silhouette n/a (needs 2 <= D < Z)" in widget.info.value and "nan" not in widget.info.value
+    widget.D.value = 2
+    assert re.search(r"silhouette -?\d\.\d{3};", widget.info.value)
