@@ -42,9 +42,12 @@ def budget_line(view: LayerView, num_layers: int) -> str:
     return f"; global budget {view.requested_D} x {num_layers} layers = {view.budget}: <b>{view.D} here</b>"
 
 
-def silhouette_text(value: float) -> str:
-    """The silhouette, or why there is none (it needs 2 <= groups < Z: not at D = 1 or D = Z)."""
-    return f"silhouette {value:.3f}" if math.isfinite(value) else "silhouette n/a (needs 2 <= D < Z)"
+def silhouette_text(view: LayerView) -> str:
+    """The silhouette, or why there is none: a pruning method forms no groups (dropped experts carry no label), and
+    the score needs 2 <= groups < Z (not at D = 1 or D = Z)."""
+    if math.isfinite(view.silhouette):
+        return f"silhouette {view.silhouette:.3f}"
+    return "silhouette n/a (pruned: no groups)" if (view.labels < 0).any() else "silhouette n/a (needs 2 <= D < Z)"
 
 
 def info_line(explorer: ClusterExplorer, view: LayerView) -> str:
@@ -54,7 +57,7 @@ def info_line(explorer: ClusterExplorer, view: LayerView) -> str:
     return (
         f"<b>layer {view.layer}</b>: Z={z} -> D={view.D} with <b>{view.method}</b>"
         f"{budget_line(view, explorer.num_layers)}; {who} carry {kept:.1%} of the tokens; "
-        f"eigengap {view.eigengap:.3f}; {silhouette_text(view.silhouette)}; largest-gap D = {view.suggested_D}"
+        f"eigengap {view.eigengap:.3f}; {silhouette_text(view)}; largest-gap D = {view.suggested_D}"
         f"<br>{health_line(explorer.health(view.layer))}"
     )
 

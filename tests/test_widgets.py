@@ -85,9 +85,13 @@ def test_a_failed_redraw_shows_the_error_and_no_stale_figures(widget, monkeypatc
     assert widget.error is None and widget.figures and ERROR_MARK not in widget.info.value
 
 
-def test_silhouette_says_why_it_is_missing_at_d1_and_dz(widget):
+def test_silhouette_says_why_it_is_missing(widget):
     widget.method.value = "uncurl"
     widget.D.value = 1
     assert "silhouette n/a (needs 2 <= D < Z)" in widget.info.value and "nan" not in widget.info.value
+    widget.D.value = Z
+    assert "silhouette n/a (needs 2 <= D < Z)" in widget.info.value
     widget.D.value = 2
     assert re.search(r"silhouette -?\d\.\d{3};", widget.info.value)
+    widget.method.value = "freq_prune"  # dropped experts carry no group: no silhouette, for that reason
+    assert "silhouette n/a (pruned: no groups)" in widget.info.value
