@@ -7,6 +7,7 @@ re-exported there. See smoe_lab/moe.py's docstring for the paths' host syncs.
 from __future__ import annotations
 
 import os
+import threading
 from dataclasses import dataclass
 
 import torch
@@ -52,7 +53,7 @@ class Experts(nn.Module):
         m = xs.shape[0]
         rows = torch.arange(m, device=xs.device)
         scale = torch.ones(m, dtype=xs.dtype, device=xs.device)
-        pool = self.pool if xs.device.type == "cpu" else None
+        pool = (self.pool if torch.is_grad_enabled() else scratch_pool()) if xs.device.type == "cpu" else None
         args = (self.w_in, self.b_in, self.w_out, self.b_out)
         return _GroupedMoE.apply(xs, scale, rows, rows, list(counts), pool, *args)
 
@@ -123,29 +124,40 @@ _ONE_HOLDER = _storage_refs(torch.empty(1))  # what _storage_refs reads for a st
 
 
 class BufferPool:
-    """CPU buffers an MoE layer's backward reuses from step to step: the stacked weight gradients.
+    """CPU buffers that an MoE layer reuses from step to step instead of allocating them afresh.
 
-    Why: with gradients set to None every step, a fresh [E, d_model, d_ff] gradient is a fresh large allocation;
-    above glibc's mmap threshold (32 MB) every step maps new pages and pays a page fault per 4 KiB on first touch
-    (at 128 experts, d 256 x 1024, this was most of the cost of the ideal stacked layer). A pooled buffer is reused
-    only when nothing outside the pool still holds its storage (the optimizer dropped p.grad, set_to_none), so a
-    gradient the caller keeps is never overwritten; otherwise a new one is allocated and pooled. Gradients are
-    handed out as fresh views, so autograd's AccumulateGrad adopts them without a copy. The pool holds memory
-    between steps (the size of one set of expert gradients, which the next backward needs anyway: the peak is
-    unchanged); `clear()` releases it (MoELayer.eval() does). Activations and backward temporaries are not pooled:
-    a pool per layer would hold each layer's temporaries at once, where autograd holds one layer's.
+    Why: a fresh tensor above glibc's mmap threshold (32 MB at most) maps new pages and pays a page fault per 4 KiB
+    on first touch, and glibc trims freed heap memory back to the OS, so even smaller ones fault again. At 128
+    experts (d 256 x 1024) a fresh stacked weight gradient was most of the cost of the ideal stacked layer; at 16384
+    tokens the [tokens, d_ff] activations (64 MB each) fault on every step. Two kinds of pool hold them:
+
+    - each layer's own pool (`Experts.pool`): its stacked weight gradients and the activations its backward needs
+      (kept from forward to backward, one set per layer, as autograd holds them anyway);
+    - one scratch pool per thread (`scratch_pool()`): backward temporaries and no-grad forward buffers, which are
+      dead once the call returns, so every layer shares one set (autograd runs one layer's backward at a time).
+
+    A buffer is reused only when nothing outside the pool still holds its storage (the optimizer dropped p.grad,
+    the graph that saved an activation was freed), so a tensor the caller keeps is never overwritten; otherwise a
+    new one is allocated and pooled. A request may take the front of a larger buffer (the kept-token count changes
+    every step). Tensors are handed out as fresh views, so autograd's AccumulateGrad adopts a gradient without a
+    copy. The pools hold memory between steps (what the next step needs anyway: the peak is unchanged); `clear()`
+    releases a layer's (MoELayer.eval() does).
     """
 
     def __init__(self):
         self.buffers: dict[str, Tensor] = {}
 
     def get(self, key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """An uninitialised tensor of `shape` (dtype and device of `like`) from the front of buffer `key`."""
+        need = 1
+        for n in shape:
+            need *= n
         b = self.buffers.get(key)
-        fits = b is not None and b.shape == shape and b.dtype == like.dtype and b.device == like.device
+        fits = b is not None and b.numel() >= need and b.dtype == like.dtype and b.device == like.device
         if not (fits and _storage_refs(b) <= _ONE_HOLDER):
-            b = like.new_empty(shape)
+            b = like.new_empty(need)
             self.buffers[key] = b
-        return b.view(shape)
+        return b[:need].view(shape)
 
     def clear(self) -> None:
         self.buffers.clear()
@@ -154,73 +166,94 @@ class BufferPool:
         return BufferPool()  # a copied layer starts with an empty pool
 
 
+_SCRATCH = threading.local()
+
+
+def scratch_pool() -> BufferPool:
+    """This thread's pool of buffers that die when a call returns (see BufferPool)."""
+    pool = getattr(_SCRATCH, "pool", None)
+    if pool is None:
+        pool = _SCRATCH.pool = BufferPool()
+    return pool
+
+
+def _new(key: str, shape: tuple[int, ...], like: Tensor, pool: BufferPool | None) -> Tensor:
+    return pool.get(key, shape, like) if pool is not None else like.new_empty(shape)
+
+
 class _GroupedMoE(torch.autograd.Function):
     """Dispatch + grouped expert FFN + gate-scaled combine in one autograd node (the "grouped" path).
 
-    x [N, d] tokens; scale [N] = gate for kept tokens, 0 for dropped; order [M] token of each sorted row (kept
-    tokens, grouped by expert); row [N] sorted row of each token (M, a zero row, for dropped ones); counts[e] rows
-    per expert (host ints). Rows of expert e get gelu(x @ w_in[e] + b_in[e]) @ w_out[e] + b_out[e].
+    x [N, d] tokens; scale [N] = gate for kept tokens, 0 for dropped; src [M] token of each slot (kept tokens
+    grouped by expert, token order within an expert); row [N] slot of each token (M, a zero row, for dropped
+    ones); counts[e] slots of expert e (host ints). Slots of expert e get gelu(x @ w_in[e] + b_in[e]) @ w_out[e] +
+    b_out[e]: one matmul per expert and layer (torch.addmm / mm on the group's slice, written in place with out=).
 
-    Every matmul writes into one preallocated tensor (`out=`), so each stacked weight gradient is allocated once
-    (pooled, see BufferPool) and filled slice by slice: no per-expert gradients stacked afterwards and no
-    per-expert full-size zero gradients (what indexing w_in[e] costs). GELU, its backward and the bias gradients
-    are one call each over all rows; dispatch and combine are single row gathers both ways.
+    Every large tensor is written into a pooled buffer (see BufferPool): the stacked weight gradients and the saved
+    activations in the layer's pool, backward temporaries in the thread's scratch pool; `pool` None (CUDA)
+    allocates them. No per-expert gradients are stacked afterwards and no per-expert full-size zero gradients exist
+    (what indexing w_in[e] costs). GELU, its backward and the bias gradients are one call each over all slots;
+    dispatch and combine are single row gathers both ways.
     """
 
     @staticmethod
-    def forward(ctx, x, scale, order, row, counts, pool, w_in, b_in, w_out, b_out):
-        m, d, f = order.numel(), x.shape[1], w_in.shape[2]
+    def forward(ctx, x, scale, src, row, counts, pool, w_in, b_in, w_out, b_out):
+        m, d, f = src.numel(), x.shape[1], w_in.shape[2]
         bounds = _bounds(counts)
-        xs = x.index_select(0, order)  # [M, d]
-        h = xs.new_empty(m, f)  # [M, d_ff] pre-activation
+        xs = torch.index_select(x, 0, src, out=_new("xs", (m, d), x, pool))  # [M, d]
+        h = _new("h", (m, f), x, pool)  # [M, d_ff] pre-activation
         for e, (s, t) in bounds:
             torch.addmm(b_in[e], xs[s:t], w_in[e], out=h[s:t])
-        a = gelu(h)  # [M, d_ff]
-        ys = xs.new_empty(m + 1, d)  # [M + 1, d]; the last row is the zero output of dropped tokens
+        a = torch._C._nn.gelu(h, approximate="tanh", out=_new("a", (m, f), x, pool))  # [M, d_ff]
+        ys = _new("ys", (m + 1, d), x, pool)  # [M + 1, d]; the last row is the zero output of dropped tokens
         ys[m] = 0
         for e, (s, t) in bounds:
             torch.addmm(b_out[e], a[s:t], w_out[e], out=ys[s:t])
         ctx.counts, ctx.pool = counts, pool
-        ctx.save_for_backward(xs, h, a, ys, scale, order, row, w_in, w_out)
+        ctx.save_for_backward(xs, h, a, ys, scale, src, row, w_in, w_out)
         return ys.index_select(0, row).mul_(scale.to(ys.dtype).unsqueeze(1))  # [N, d]
 
     @staticmethod
     def backward(ctx, grad_out):
-        xs, h, a, ys, scale, order, row, w_in, w_out = ctx.saved_tensors
+        xs, h, a, ys, scale, src, row, w_in, w_out = ctx.saved_tensors
         counts, pool = ctx.counts, ctx.pool
+        tmp = scratch_pool() if pool is not None else None
         need_x, need_scale = ctx.needs_input_grad[:2]
         need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[6:]
         need_gh = need_x or need_w_in or need_b_in
-        m, n, num_e = order.numel(), row.numel(), len(counts)
+        m, n, d, f, num_e = src.numel(), row.numel(), xs.shape[1], h.shape[1], len(counts)
         bounds = _bounds(counts)
-        get = pool.get if pool is not None else (lambda key, shape, like: like.new_empty(shape))
-        row_expert = torch.repeat_interleave(torch.tensor(counts, device=xs.device))  # [M] expert of each row
-        g = grad_out.index_select(0, order)  # [M, d] in sorted order
         grad_scale = gw_in = gb_in = gw_out = gb_out = grad_x = None
-        if need_scale:  # d out / d scale = the unscaled expert output of the token
-            grad_scale = torch.zeros(n, dtype=scale.dtype, device=scale.device)
-            grad_scale.index_copy_(0, order, torch.linalg.vecdot(g, ys[:m]).to(scale.dtype))
-        g.mul_(scale.index_select(0, order).to(g.dtype).unsqueeze(1))  # grad of the sorted outputs
-        gw_out = get("w_out", tuple(w_out.shape), w_out) if need_w_out else None
-        ga = torch.empty_like(a) if need_gh else None  # [M, d_ff]
+        if need_scale:  # d out / d scale = the unscaled expert output of the token (the zero row for dropped ones)
+            y = torch.index_select(ys, 0, row, out=_new("y", (n, d), ys, tmp))  # [N, d]
+            grad_scale = torch.linalg.vecdot(grad_out, y).to(scale.dtype)  # [N]
+        g = torch.index_select(grad_out, 0, src, out=_new("g", (m, d), xs, tmp))  # [M, d] in slot order
+        g.mul_(scale.index_select(0, src).to(g.dtype).unsqueeze(1))  # grad of the slot outputs
+        gw_out = _new("w_out", tuple(w_out.shape), w_out, pool) if need_w_out else None
+        ga = _new("ga", (m, f), a, tmp) if need_gh else None  # [M, d_ff]
         for e, (s, t) in bounds:
             if need_w_out:
                 torch.mm(a[s:t].T, g[s:t], out=gw_out[e])
             if need_gh:
                 torch.mm(g[s:t], w_out[e].T, out=ga[s:t])
+        slot_expert = (
+            torch.repeat_interleave(torch.tensor(counts, device=xs.device)) if need_b_in or need_b_out else None
+        )
         if need_b_out:
-            gb_out = g.new_zeros(num_e, g.shape[1]).index_add_(0, row_expert, g)
+            gb_out = g.new_zeros(num_e, d).index_add_(0, slot_expert, g)
         if need_gh:
-            gh = _gelu_backward(ga, h)  # [M, d_ff]
-            gw_in = get("w_in", tuple(w_in.shape), w_in) if need_w_in else None
-            gxs = xs.new_empty(m + 1, xs.shape[1]) if need_x else None  # [M + 1, d]; row M: dropped tokens' zero
+            gh = torch.ops.aten.gelu_backward.grad_input(
+                ga, h, approximate="tanh", grad_input=_new("gh", (m, f), h, tmp)
+            )
+            gw_in = _new("w_in", tuple(w_in.shape), w_in, pool) if need_w_in else None
+            gxs = _new("gxs", (m + 1, d), xs, tmp) if need_x else None  # [M + 1, d]; row M: dropped tokens' zero
             for e, (s, t) in bounds:
                 if need_w_in:
                     torch.mm(xs[s:t].T, gh[s:t], out=gw_in[e])
                 if need_x:
                     torch.mm(gh[s:t], w_in[e].T, out=gxs[s:t])
             if need_b_in:
-                gb_in = gh.new_zeros(num_e, gh.shape[1]).index_add_(0, row_expert, gh)
+                gb_in = gh.new_zeros(num_e, f).index_add_(0, slot_expert, gh)
             if need_x:
                 gxs[m] = 0
                 grad_x = gxs.index_select(0, row)
@@ -232,7 +265,7 @@ class _GroupedMoE(torch.autograd.Function):
 
 
 def _bounds(counts: list[int]) -> list[tuple[int, tuple[int, int]]]:
-    """(expert, (start, end)) of each non-empty expert's rows."""
+    """(expert, (start, end)) of each non-empty expert's slots."""
     out, s = [], 0
     for e, c in enumerate(counts):
         if c:
@@ -304,18 +337,34 @@ def plan_groups(r: Routing, num_experts: int) -> GroupPlan:
     return GroupPlan(order, inverse, count_per_expert(r.expert_index, num_experts, r.kept), r.kept[order])
 
 
+def group_layout(r: Routing, num_experts: int) -> tuple[Tensor, Tensor, list[int]]:
+    """Expert slots of the kept tokens for the "grouped" path: (src [M], row [N], counts); see _GroupedMoE.
+
+    counts[e]: kept tokens of expert e (read on the host: free on CPU). A kept token's slot is its expert's first
+    slot + its position in the expert's queue (Routing.position), so no sort is needed; dropped tokens get row M
+    (the zero row).
+    """
+    counts_t = r.processed_counts  # [E]
+    counts = counts_t.tolist()  # the host read of this path
+    m, n = sum(counts), r.kept.numel()
+    first = torch.cumsum(counts_t, 0) - counts_t  # [E]
+    row = torch.where(r.kept, first[r.expert_index] + r.position, m)  # [N]
+    src = torch.zeros(m + 1, dtype=torch.long, device=row.device).scatter_(0, row, torch.arange(n, device=row.device))
+    return src[:m], row, counts  # the dump slot M (dropped tokens) is cut off
+
+
 def _grouped(experts: Experts, x: Tensor, r: Routing) -> Tensor:
     """The "grouped" path: kept rows only, one addmm pair per expert (host-side counts), see _GroupedMoE."""
-    gp = plan_groups(r, experts.num_experts)
-    counts = gp.counts.tolist()  # the host read of this path
-    m = sum(counts)
-    if m == 0:
+    src, row, counts = group_layout(r, experts.num_experts)
+    if sum(counts) == 0:
         return x.new_zeros(x.shape)
-    row = torch.where(r.kept, gp.inverse, m)  # [N]; dropped tokens read the zero row M
     scale = r.gate * r.kept  # [N]
-    pool = experts.pool if x.device.type == "cpu" else None
     p = experts
-    return _GroupedMoE.apply(x, scale, gp.order[:m], row, counts, pool, p.w_in, p.b_in, p.w_out, p.b_out)
+    args = (x, scale, p.w_in, p.b_in, p.w_out, p.b_out)
+    pool = None  # CUDA: its caching allocator reuses memory already
+    if x.device.type == "cpu":  # a graph keeps the activations until backward; without one they die with the call
+        pool = p.pool if torch.is_grad_enabled() and any(t.requires_grad for t in args) else scratch_pool()
+    return _GroupedMoE.apply(x, scale, src, row, counts, pool, p.w_in, p.b_in, p.w_out, p.b_out)
 
 
 def _grouped_mm(experts: Experts, x: Tensor, r: Routing) -> Tensor:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cached_property
 
 import numpy as np
 import torch
@@ -40,8 +41,8 @@ class Routing:
     gates: Tensor  # [N, E] float: full softmax (for telemetry / entropy)
     num_real: int | None = None  # real (unmasked) tokens; None: all N
 
-    @property
-    def processed_counts(self) -> Tensor:  # [E] long, no host sync (a scatter-add, not bincount of a selection)
+    @cached_property
+    def processed_counts(self) -> Tensor:  # [E] long, computed once; no host sync (a scatter-add, not bincount)
         return count_per_expert(self.expert_index, self.routed_counts.numel(), self.kept)
 
 
