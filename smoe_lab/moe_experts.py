@@ -199,16 +199,14 @@ class _GroupedMoE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, src, row, counts, pool, w_in, b_in, w_out, b_out):
         m, d, f = src.numel(), x.shape[1], w_in.shape[2]
-        bounds = _bounds(counts)
+        live = [e for e, c in enumerate(counts) if c]  # experts with tokens
         xs = torch.index_select(x, 0, src, out=_new("xs", (m, d), x, pool))  # [M, d]
         h = _new("h", (m, f), x, pool)  # [M, d_ff] pre-activation
-        for e, (s, t) in bounds:
-            torch.addmm(b_in[e], xs[s:t], w_in[e], out=h[s:t])
+        _per_expert(torch.addmm, live, b_in.unbind(0), xs.split(counts), w_in.unbind(0), h.split(counts))
         a = torch._C._nn.gelu(h, approximate="tanh", out=_new("a", (m, f), x, pool))  # [M, d_ff]
         ys = _new("ys", (m + 1, d), x, pool)  # [M + 1, d]; the last row is the zero output of dropped tokens
         ys[m] = 0
-        for e, (s, t) in bounds:
-            torch.addmm(b_out[e], a[s:t], w_out[e], out=ys[s:t])
+        _per_expert(torch.addmm, live, b_out.unbind(0), a.split(counts), w_out.unbind(0), ys[:m].split(counts))
         ctx.counts, ctx.pool = counts, pool
         ctx.save_for_backward(xs, h, a, ys, scale, src, row, w_in, w_out)
         return ys.index_select(0, row).mul_(scale.to(ys.dtype).unsqueeze(1))  # [N, d]
@@ -222,39 +220,37 @@ class _GroupedMoE(torch.autograd.Function):
         need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[6:]
         need_gh = need_x or need_w_in or need_b_in
         m, n, d, f, num_e = src.numel(), row.numel(), xs.shape[1], h.shape[1], len(counts)
-        bounds = _bounds(counts)
+        live = [e for e, c in enumerate(counts) if c]
         grad_scale = gw_in = gb_in = gw_out = gb_out = grad_x = None
-        if need_scale:  # d out / d scale = the unscaled expert output of the token (the zero row for dropped ones)
-            y = torch.index_select(ys, 0, row, out=_new("y", (n, d), ys, tmp))  # [N, d]
-            grad_scale = torch.linalg.vecdot(grad_out, y).to(scale.dtype)  # [N]
         g = torch.index_select(grad_out, 0, src, out=_new("g", (m, d), xs, tmp))  # [M, d] in slot order
+        if need_scale:  # d out / d scale = the unscaled expert output of the token (0 for dropped tokens)
+            grad_scale = torch.zeros(n, dtype=scale.dtype, device=scale.device)
+            grad_scale.index_copy_(0, src, torch.linalg.vecdot(g, ys[:m]).to(scale.dtype))
         g.mul_(scale.index_select(0, src).to(g.dtype).unsqueeze(1))  # grad of the slot outputs
-        gw_out = _new("w_out", tuple(w_out.shape), w_out, pool) if need_w_out else None
-        ga = _new("ga", (m, f), a, tmp) if need_gh else None  # [M, d_ff]
-        for e, (s, t) in bounds:
-            if need_w_out:
-                torch.mm(a[s:t].T, g[s:t], out=gw_out[e])
-            if need_gh:
-                torch.mm(g[s:t], w_out[e].T, out=ga[s:t])
-        slot_expert = (
-            torch.repeat_interleave(torch.tensor(counts, device=xs.device)) if need_b_in or need_b_out else None
-        )
+        g_e = g.split(counts)
+        if need_w_out:
+            gw_out = _new("w_out", tuple(w_out.shape), w_out, pool)
+            _per_expert(torch.mm, live, None, a.T.split(counts, 1), g_e, gw_out.unbind(0))
+        if need_gh:
+            ga = _new("ga", (m, f), a, tmp)  # [M, d_ff]
+            _per_expert(torch.mm, live, None, g_e, w_out.transpose(1, 2).unbind(0), ga.split(counts))
+        slot_expert = None
+        if need_b_in or need_b_out:
+            slot_expert = torch.repeat_interleave(torch.tensor(counts, device=xs.device))  # [M]
         if need_b_out:
             gb_out = g.new_zeros(num_e, d).index_add_(0, slot_expert, g)
         if need_gh:
-            gh = torch.ops.aten.gelu_backward.grad_input(
-                ga, h, approximate="tanh", grad_input=_new("gh", (m, f), h, tmp)
-            )
-            gw_in = _new("w_in", tuple(w_in.shape), w_in, pool) if need_w_in else None
-            gxs = _new("gxs", (m + 1, d), xs, tmp) if need_x else None  # [M + 1, d]; row M: dropped tokens' zero
-            for e, (s, t) in bounds:
-                if need_w_in:
-                    torch.mm(xs[s:t].T, gh[s:t], out=gw_in[e])
-                if need_x:
-                    torch.mm(gh[s:t], w_in[e].T, out=gxs[s:t])
+            gh = _new("gh", (m, f), h, tmp)
+            torch.ops.aten.gelu_backward.grad_input(ga, h, approximate="tanh", grad_input=gh)  # [M, d_ff]
+            gh_e = gh.split(counts)
+            if need_w_in:
+                gw_in = _new("w_in", tuple(w_in.shape), w_in, pool)
+                _per_expert(torch.mm, live, None, xs.T.split(counts, 1), gh_e, gw_in.unbind(0))
             if need_b_in:
                 gb_in = gh.new_zeros(num_e, f).index_add_(0, slot_expert, gh)
             if need_x:
+                gxs = _new("gxs", (m + 1, d), xs, tmp)  # [M + 1, d]; row M: the dropped tokens' zero
+                _per_expert(torch.mm, live, None, gh_e, w_in.transpose(1, 2).unbind(0), gxs[:m].split(counts))
                 gxs[m] = 0
                 grad_x = gxs.index_select(0, row)
         empty = [e for e, c in enumerate(counts) if c == 0]
@@ -264,14 +260,15 @@ class _GroupedMoE(torch.autograd.Function):
         return grad_x, grad_scale, None, None, None, None, gw_in, gb_in, gw_out, gb_out
 
 
-def _bounds(counts: list[int]) -> list[tuple[int, tuple[int, int]]]:
-    """(expert, (start, end)) of each non-empty expert's slots."""
-    out, s = [], 0
-    for e, c in enumerate(counts):
-        if c:
-            out.append((e, (s, s + c)))
-        s += c
-    return out
+def _per_expert(op, live: list[int], bias, lhs, rhs, out) -> None:
+    """out[e] = op(bias[e], lhs[e], rhs[e]) (addmm) or op(lhs[e], rhs[e]) (mm, bias None) for every expert in
+    `live`, written in place; the per-expert views come from one split / unbind call each (cheaper than slicing)."""
+    if bias is None:
+        for e in live:
+            op(lhs[e], rhs[e], out=out[e])
+    else:
+        for e in live:
+            op(bias[e], lhs[e], rhs[e], out=out[e])
 
 
 @dataclass
