@@ -41,6 +41,7 @@ class Experts(nn.Module):
     def train(self, mode: bool = True):
         if not mode:
             self.pool.clear()
+            scratch_pool().clear()
         return super().train(mode)
 
     def forward_padded(self, xb: Tensor) -> Tensor:
@@ -140,8 +141,9 @@ class BufferPool:
     the graph that saved an activation was freed), so a tensor the caller keeps is never overwritten; otherwise a
     new one is allocated and pooled. A request may take the front of a larger buffer (the kept-token count changes
     every step). Tensors are handed out as fresh views, so autograd's AccumulateGrad adopts a gradient without a
-    copy. The pools hold memory between steps (what the next step needs anyway: the peak is unchanged); `clear()`
-    releases a layer's (MoELayer.eval() does).
+    copy. The pools hold memory between steps (what the next step needs anyway: the peak of a step is unchanged);
+    MoELayer.eval() releases its layer's pool and the thread's scratch pool (one layer's no-grad buffers stay held
+    after an evaluation until the next eval()).
     """
 
     def __init__(self):

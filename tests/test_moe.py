@@ -288,3 +288,53 @@ def test_router_init_std_scales_the_router_draws_only(tiny_cfg):
             assert torch.allclose(b[k], 10 * a[k])
         else:
             assert torch.equal(a[k], b[k]), k
+
+
+def _grads(layer, xs, g):
+    """Gradients of sum_i <layer(x_i), g> over the inputs (one graph, every call before the backward)."""
+    loss = sum((layer(x) * g).sum() for x in xs)
+    return torch.autograd.grad(loss, [*xs, *layer.parameters()])
+
+
+def _reference_grads(layer, xs, g):
+    outs = []
+    for x in xs:
+        _, r = layer.route(x)
+        outs.append((moe_reference(layer.experts, x, r) * g).sum())
+    return torch.autograd.grad(sum(outs), [*xs, *layer.parameters()])
+
+
+def test_pooled_activations_survive_two_calls_before_one_backward():
+    """A layer called twice before the backward (two micro-batches in one graph, a shared layer): the second call
+    must not reuse the buffers the first call saved, and a no-grad call in between must not touch them either."""
+    layer = _layer(8).train()
+    xs = [torch.randn(120, 16, requires_grad=True) for _ in range(2)]
+    g = torch.randn(120, 16)
+    loss = (layer(xs[0]) * g).sum()
+    with torch.no_grad():
+        layer(torch.randn(120, 16))  # scratch buffers, not the saved ones
+    loss = loss + (layer(xs[1]) * g).sum()
+    grads = torch.autograd.grad(loss, [*xs, *layer.parameters()])
+    for a, b in zip(grads, _reference_grads(layer, xs, g)):
+        assert torch.allclose(a, b, atol=1e-4)
+
+
+def test_pooled_buffers_with_a_retained_graph_and_repeated_steps():
+    layer = _layer(8).train()
+    x = torch.randn(150, 16, requires_grad=True)
+    g = torch.randn(150, 16)
+    ref = _reference_grads(layer, [x], g)
+    y = layer(x)
+    first = torch.autograd.grad((y * g).sum(), [x, *layer.parameters()], retain_graph=True)
+    layer(2 * x).sum().backward()  # another step in between: the retained graph's activations stay intact
+    second = torch.autograd.grad((y * g).sum(), [x, *layer.parameters()])
+    for a, b, c in zip(first, second, ref):
+        assert torch.allclose(a, c, atol=1e-4) and torch.allclose(b, c, atol=1e-4)
+    for _ in range(3):  # steady state: the same buffers every step, the same gradients
+        assert all(torch.allclose(a, c, atol=1e-4) for a, c in zip(_grads(layer, [x], g), ref))
+    pooled = {k: b.data_ptr() for k, b in layer.experts.pool.buffers.items()}
+    _grads(layer, [x], g)
+    assert {"xs", "h", "a", "ys", "w_in", "w_out"} <= set(pooled)
+    assert pooled == {k: b.data_ptr() for k, b in layer.experts.pool.buffers.items()}
+    layer.eval()
+    assert not layer.experts.pool.buffers
