@@ -242,8 +242,7 @@ class _GroupedMoE(torch.autograd.Function):
         if need_b_out:
             gb_out = g.new_zeros(num_e, d).index_add_(0, slot_expert, g)
         if need_gh:
-            gh = _new("gh", (m, f), h, tmp)
-            torch.ops.aten.gelu_backward.grad_input(ga, h, approximate="tanh", grad_input=gh)  # [M, d_ff]
+            gh = torch.ops.aten.gelu_backward.grad_input(ga, h, approximate="tanh", grad_input=ga)  # [M, d_ff], in place
             gh_e = gh.split(counts)
             if need_w_in:
                 gw_in = _new("w_in", tuple(w_in.shape), w_in, pool)
