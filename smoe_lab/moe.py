@@ -7,7 +7,7 @@ compaction are tensor operations. Dispatch and combine are row gathers in both d
 [tokens, experts, capacity] one-hot tensor exists, so activation memory grows with tokens only.
 
 Expert paths (`resolve_path`; switch: MoELayer.expert_path, $SMOE_LAB_MOE_PATH, CUDA_DEFAULT_PATH):
-"grouped" (CPU default: exact per-expert slices, pooled gradient buffers), "padded" (a static
+"grouped" (CPU default: exact per-expert slices, pooled gradients and activations), "padded" (a static
 [E, capacity, d] buffer, two baddbmm; CUDA default) and "grouped_mm" (torch._grouped_mm).
 
 Host syncs: the training forward + backward of the "padded" and "grouped_mm" paths reads no device value on

@@ -70,9 +70,10 @@ CUDA_DEFAULT_PATH = "padded"  # set from benchmarks/gpu.sh's measurement; SMOE_L
 def resolve_path(path: str | None, device: torch.device) -> str:
     """The expert path to run: an explicit `path`, else $SMOE_LAB_MOE_PATH, else the device's measured default.
 
-    "grouped"     tokens sorted by expert, one matmul pair per expert on its exact slice (`_ExpertFFN`), weight
-                  gradients written in place. Reads the per-expert counts on the host (free on CPU; a sync on CUDA).
-                  The CPU default: <= 1.1x the ideal stacked layer at 8-128 experts (benchmarks/bench_moe.py).
+    "grouped"     tokens grouped by expert, one matmul pair per expert on its exact slice (`_GroupedMoE`); weight
+                  gradients, saved activations and backward temporaries written into pooled buffers. Reads the
+                  per-expert counts on the host (free on CPU; a sync on CUDA). The CPU default
+                  (benchmarks/bench_moe.py: below the ideal stacked layer from 32 experts or 16384 tokens on).
     "padded"      a static [E, capacity, d] buffer and two baddbmm: no host read at all, at the price of
                   capacity - count_e padding rows per expert. The CUDA default until gpu.sh measures otherwise.
     "grouped_mm"  tokens sorted by expert and torch._grouped_mm (one CUTLASS grouped GEMM per matmul, bf16 on
@@ -194,8 +195,10 @@ class _GroupedMoE(torch.autograd.Function):
     Every large tensor is written into a pooled buffer (see BufferPool): the stacked weight gradients and the saved
     activations in the layer's pool, backward temporaries in the thread's scratch pool; `pool` None (CUDA)
     allocates them. No per-expert gradients are stacked afterwards and no per-expert full-size zero gradients exist
-    (what indexing w_in[e] costs). GELU, its backward and the bias gradients are one call each over all slots;
-    dispatch and combine are single row gathers both ways.
+    (what indexing w_in[e] costs). GELU, its backward (in place) and the bias gradients are one call each over all
+    slots; dispatch and combine are single row gathers both ways. Tried and dropped (benchmarks/bench_moe.py, 2
+    cores): padding every group to the largest for one bmm per matmul (1.1-1.3x slower: routers leave ~20% padding),
+    and spreading the experts over single-threaded worker threads (no steady gain below 128 experts).
     """
 
     @staticmethod
@@ -242,7 +245,9 @@ class _GroupedMoE(torch.autograd.Function):
         if need_b_out:
             gb_out = g.new_zeros(num_e, d).index_add_(0, slot_expert, g)
         if need_gh:
-            gh = torch.ops.aten.gelu_backward.grad_input(ga, h, approximate="tanh", grad_input=ga)  # [M, d_ff], in place
+            gh = torch.ops.aten.gelu_backward.grad_input(
+                ga, h, approximate="tanh", grad_input=ga
+            )  # [M, d_ff], in place
             gh_e = gh.split(counts)
             if need_w_in:
                 gw_in = _new("w_in", tuple(w_in.shape), w_in, pool)
