@@ -6,6 +6,7 @@ re-exported there. See smoe_lab/moe.py's docstring for the paths' host syncs.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import dataclass
@@ -18,8 +19,10 @@ from torch import Tensor
 from .moe_routing import Routing, count_per_expert
 
 
-def gelu(x: Tensor) -> Tensor:
-    """GPT-2's GELU (tanh approximation)."""
+def gelu(x: Tensor, out: Tensor | None = None) -> Tensor:
+    """GPT-2's GELU (tanh approximation); `out`: written into that tensor (no autograd)."""
+    if out is not None:
+        return torch._C._nn.gelu(x, approximate="tanh", out=out)
     return F.gelu(x, approximate="tanh")
 
 
@@ -49,14 +52,22 @@ class Experts(nn.Module):
         h = gelu(torch.baddbmm(self.b_in.unsqueeze(1), xb, self.w_in))  # [E, C, d_ff]
         return torch.baddbmm(self.b_out.unsqueeze(1), h, self.w_out)  # [E, C, d_model]
 
+    def pool_for(self, x: Tensor, scale: Tensor) -> BufferPool | None:
+        """Where the grouped path's buffers live for a call on x with gate `scale`: None on CUDA (its caching
+        allocator reuses memory already); on CPU this layer's pool when the call builds a graph (it keeps the
+        activations until the backward), else the thread's scratch pool (they die with the call)."""
+        if x.device.type != "cpu":
+            return None
+        graph = torch.is_grad_enabled() and any(t.requires_grad for t in (x, scale, *self.parameters()))
+        return self.pool if graph else scratch_pool()
+
     def forward_grouped(self, xs: Tensor, counts: list[int]) -> Tensor:
         """xs [M, d_model] sorted by expert (counts[e] rows for expert e) -> [M, d_model]; no padding."""
         m = xs.shape[0]
         rows = torch.arange(m, device=xs.device)
         scale = torch.ones(m, dtype=xs.dtype, device=xs.device)
-        pool = (self.pool if torch.is_grad_enabled() else scratch_pool()) if xs.device.type == "cpu" else None
         args = (self.w_in, self.b_in, self.w_out, self.b_out)
-        return _GroupedMoE.apply(xs, scale, rows, rows, list(counts), pool, *args)
+        return _GroupedMoE.apply(xs, scale, rows, rows, list(counts), self.pool_for(xs, scale), *args)
 
     def forward_one(self, e: int, x: Tensor) -> Tensor:
         """Expert e on x [n, d_model] (reference path)."""
@@ -114,8 +125,9 @@ class _GatherRows(torch.autograd.Function):
         return grad_x, None, None, None
 
 
-def _gelu_backward(grad: Tensor, h: Tensor) -> Tensor:
-    return torch.ops.aten.gelu_backward(grad, h, approximate="tanh")
+def _gelu_backward(grad: Tensor, h: Tensor, out: Tensor) -> Tensor:
+    """d gelu(h) / d h times grad, written into `out` (may be `grad` itself: elementwise, in place)."""
+    return torch.ops.aten.gelu_backward.grad_input(grad, h, approximate="tanh", grad_input=out)
 
 
 def _storage_refs(t: Tensor) -> int:
@@ -152,9 +164,7 @@ class BufferPool:
 
     def get(self, key: str, shape: tuple[int, ...], like: Tensor) -> Tensor:
         """An uninitialised tensor of `shape` (dtype and device of `like`) from the front of buffer `key`."""
-        need = 1
-        for n in shape:
-            need *= n
+        need = math.prod(shape)
         b = self.buffers.get(key)
         fits = b is not None and b.numel() >= need and b.dtype == like.dtype and b.device == like.device
         if not (fits and _storage_refs(b) <= _ONE_HOLDER):
@@ -208,7 +218,7 @@ class _GroupedMoE(torch.autograd.Function):
         xs = torch.index_select(x, 0, src, out=_new("xs", (m, d), x, pool))  # [M, d]
         h = _new("h", (m, f), x, pool)  # [M, d_ff] pre-activation
         _per_expert(torch.addmm, live, b_in.unbind(0), xs.split(counts), w_in.unbind(0), h.split(counts))
-        a = torch._C._nn.gelu(h, approximate="tanh", out=_new("a", (m, f), x, pool))  # [M, d_ff]
+        a = gelu(h, out=_new("a", (m, f), x, pool))  # [M, d_ff]
         ys = _new("ys", (m + 1, d), x, pool)  # [M + 1, d]; the last row is the zero output of dropped tokens
         ys[m] = 0
         _per_expert(torch.addmm, live, b_out.unbind(0), a.split(counts), w_out.unbind(0), ys[:m].split(counts))
@@ -245,9 +255,7 @@ class _GroupedMoE(torch.autograd.Function):
         if need_b_out:
             gb_out = g.new_zeros(num_e, d).index_add_(0, slot_expert, g)
         if need_gh:
-            gh = torch.ops.aten.gelu_backward.grad_input(
-                ga, h, approximate="tanh", grad_input=ga
-            )  # [M, d_ff], in place
+            gh = _gelu_backward(ga, h, out=ga)  # [M, d_ff], in place
             gh_e = gh.split(counts)
             if need_w_in:
                 gw_in = _new("w_in", tuple(w_in.shape), w_in, pool)
@@ -363,11 +371,7 @@ def _grouped(experts: Experts, x: Tensor, r: Routing) -> Tensor:
         return x.new_zeros(x.shape)
     scale = r.gate * r.kept  # [N]
     p = experts
-    args = (x, scale, p.w_in, p.b_in, p.w_out, p.b_out)
-    pool = None  # CUDA: its caching allocator reuses memory already
-    if x.device.type == "cpu":  # a graph keeps the activations until backward; without one they die with the call
-        pool = p.pool if torch.is_grad_enabled() and any(t.requires_grad for t in args) else scratch_pool()
-    return _GroupedMoE.apply(x, scale, src, row, counts, pool, p.w_in, p.b_in, p.w_out, p.b_out)
+    return _GroupedMoE.apply(x, scale, src, row, counts, p.pool_for(x, scale), p.w_in, p.b_in, p.w_out, p.b_out)
 
 
 def _grouped_mm(experts: Experts, x: Tensor, r: Routing) -> Tensor:
