@@ -17,6 +17,7 @@ rounds. Ratios are taken within a round (both sides measured seconds apart), the
     python benchmarks/bench_moe.py --clock cpu          # process CPU time instead of wall time (busy machines)
     python benchmarks/bench_moe.py --impls ideal grouped padded   # compare the expert paths
     python benchmarks/bench_moe.py --memory             # also peak RSS of each implementation (subprocesses)
+    python benchmarks/bench_moe.py --routing            # the router alone: top1_route vs top1_route_reference
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ try:
     from benchmarks._table import markdown_table
 except ImportError:  # run as a script: benchmarks/ is on sys.path, not its parent
     from _table import markdown_table
-from smoe_lab.moe import MoELayer, gelu
+from smoe_lab.moe import MoELayer, gelu, top1_route, top1_route_reference
 
 
 class Dense(nn.Module):
@@ -197,6 +198,46 @@ def measure(impls: list[str], e: int, x, g, args, device) -> dict[str, list[floa
     return per_round
 
 
+def routing_rows(args, device) -> list[list]:
+    """Router matmul + top1_route forward and backward (gate and aux-loss gradients) vs the autograd reference."""
+    rows = []
+    for n in args.tokens:
+        for e in args.experts:
+            torch.manual_seed(e)
+            x = torch.randn(n, args.d_model, device=device, requires_grad=True)
+            router = nn.Linear(args.d_model, e, bias=False).to(device)
+            gg = torch.randn(n, device=device)
+
+            def run(fn):
+                router.weight.grad = x.grad = None
+                r = fn(router(x), 1.2, 4)
+                ((r.gate * r.kept * gg).sum() + 0.01 * r.aux_loss).backward()
+
+            fns = {"top1_route": top1_route, "reference": top1_route_reference}
+            t = {k: [] for k in fns}
+            for fn in fns.values():
+                run(fn)
+            for _ in range(args.rounds):
+                for k, fn in fns.items():
+                    t[k].append(time_steps_fn(lambda: run(fn), args.reps, device))
+            ratio = [a / b for a, b in zip(t["top1_route"], t["reference"])]
+            rows.append([n, e, *(summary([1e3 * v for v in t[k]], ".3f") for k in fns), summary(ratio)])
+    return rows
+
+
+def time_steps_fn(fn, reps: int, device) -> float:
+    best = float("inf")
+    for _ in range(reps):
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
 def summary(values: list[float], fmt: str = ".2f") -> str:
     """'median (min-max)'."""
     return f"{statistics.median(values):{fmt}} ({min(values):{fmt}}-{max(values):{fmt}})"
@@ -215,11 +256,20 @@ def main(argv=None) -> None:
     ap.add_argument("--clock", choices=["wall", "cpu"], default="wall", help="cpu: process time (busy machines)")
     ap.add_argument("--memory", action="store_true", help="peak RSS per implementation (fresh subprocesses)")
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (CUDA)")
+    ap.add_argument("--routing", action="store_true", help="time the router alone: top1_route vs its reference")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args(argv)
     if args.quick:
         args.tokens, args.rounds, args.reps = [4096], 3, 2
     device = torch.device(args.device)
+    if args.routing:
+        print(
+            f"router + top1_route forward + backward, d_model {args.d_model}, {torch.get_num_threads()} threads; "
+            f"median (min-max) over {args.rounds} interleaved rounds of best-of-{args.reps}\n"
+        )
+        header = ["tokens", "E", "top1_route ms", "reference ms", "top1_route/reference"]
+        print(markdown_table(header, routing_rows(args, device)))
+        return
     impls = [i for i in args.impls if i != "deepspeed" or _has_deepspeed()]
     base = "ideal" if "ideal" in impls else None
     print(

@@ -48,8 +48,10 @@ from .moe_routing import (  # noqa: F401
     Routing,
     count_per_expert,
     expert_capacity,
+    queue_position,
     router_z_loss,
     top1_route,
+    top1_route_reference,
 )
 
 

@@ -51,3 +51,15 @@ def test_bench_moe_quick_table_has_spreads(capsys):
     assert "native/ideal" in header and "padded/ideal" in header
     row = next(line for line in out.splitlines() if line.startswith("|") and "256" in line)
     assert row.count("(") >= 5  # every cell is "median (min-max)"
+
+
+def test_bench_moe_routing_table_compares_with_the_reference(capsys):
+    sys.path.insert(0, str(ROOT))
+    from benchmarks import bench_moe
+
+    bench_moe.main(["--routing", "--tokens", "128", "--experts", "4", "32", "--d-model", "16", "--rounds", "2",
+                    "--reps", "1"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert "top1_route/reference" in out
+    rows = [line for line in out.splitlines() if line.startswith("|") and "128" in line]
+    assert len(rows) == 2 and all(row.count("(") == 3 for row in rows)

@@ -338,3 +338,77 @@ def test_pooled_buffers_with_a_retained_graph_and_repeated_steps():
     assert pooled == {k: b.data_ptr() for k, b in layer.experts.pool.buffers.items()}
     layer.eval()
     assert not layer.experts.pool.buffers
+
+
+def _route_loss(r, gg, gz):
+    return (r.gate * r.kept * gg).sum() + 0.7 * r.aux_loss + (r.gates * gz).sum()
+
+
+@pytest.mark.parametrize("e", [2, 8, 15, 16, 64])
+@pytest.mark.parametrize("masked", [False, True])
+@pytest.mark.parametrize("drop", [True, False])
+def test_top1_route_equals_the_autograd_reference(e, masked, drop):
+    """The closed-form backward and the [E, N] layout (few experts) give the reference's routing and gradients."""
+    from smoe_lab.moe import top1_route_reference
+
+    g = torch.Generator().manual_seed(e)
+    n = 301
+    logits = (torch.randn(n, e, generator=g) * 2).requires_grad_(True)
+    with torch.no_grad():
+        logits[:, 0] += 1.5  # imbalance: drops happen
+    mask = torch.rand(n, generator=g) > 0.25 if masked else None
+    gg, gz = torch.randn(n, generator=g), torch.randn(n, e, generator=g)
+    got = []
+    for fn in (top1_route, top1_route_reference):
+        logits.grad = None
+        r = fn(logits, 1.0, 2, drop, mask)
+        _route_loss(r, gg, gz).backward()
+        got.append((r, logits.grad.clone()))
+    (r, grad), (ref, ref_grad) = got
+    for k in ("expert_index", "kept", "routed_counts", "processed_counts"):
+        assert torch.equal(getattr(r, k), getattr(ref, k)), k
+    valid = ref.kept if mask is None else mask
+    assert torch.equal(r.position[valid], ref.position[valid])  # a padding token's position is unspecified
+    assert r.capacity == ref.capacity and r.num_real == ref.num_real
+    if drop:
+        assert (~r.kept & (mask if masked else True)).any()  # the case really drops tokens
+    for k in ("gate", "gates", "aux_loss"):
+        assert torch.allclose(getattr(r, k), getattr(ref, k), atol=1e-6), k
+    assert torch.allclose(grad, ref_grad, atol=1e-6)
+
+
+@pytest.mark.parametrize("e", [3, 32])  # the [E, N] and the [N, E] layout
+def test_top1_softmax_backward_passes_gradcheck(e):
+    from smoe_lab.moe_routing import _Top1Softmax
+
+    g = torch.Generator().manual_seed(1)
+    logits = torch.randn(23, e, generator=g, dtype=torch.float64, requires_grad=True)
+    valid_w = (torch.rand(23, generator=g) > 0.3).double()
+    for vw, denom in ((None, 23), (valid_w, int(valid_w.sum()))):
+
+        def gates_gate_me(lo):  # the three differentiable outputs (expert_index is not)
+            gates, gate, _, me = _Top1Softmax.apply(lo, vw, denom)
+            return gates, gate, me
+
+        assert torch.autograd.gradcheck(gates_gate_me, (logits,))
+
+
+@pytest.mark.parametrize("e", [4, 32])
+def test_top1_route_breaks_ties_to_the_first_expert_and_keeps_bf16_logits_fp32(e):
+    logits = torch.zeros(6, e)
+    logits[:, 1] = logits[:, 2] = 1.0  # experts 1 and 2 tie on every token
+    r = top1_route(logits.bfloat16(), 1.0, 1)
+    assert r.expert_index.tolist() == [1] * 6 and r.gate.dtype == torch.float32 and r.gates.dtype == torch.float32
+
+
+@pytest.mark.parametrize("e", [5, 40])
+def test_queue_position_counts_each_expert_in_token_order(e):
+    from smoe_lab.moe import queue_position
+
+    g = torch.Generator().manual_seed(e)
+    idx = torch.randint(0, e, (500,), generator=g)
+    valid = torch.rand(500, generator=g) > 0.2
+    pos = queue_position(idx, e, valid)
+    for j in range(e):
+        sel = valid & (idx == j)
+        assert pos[sel].tolist() == list(range(int(sel.sum())))
