@@ -153,13 +153,18 @@ def step(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
 
 def time_steps(module, x, g, reps: int, clock=time.perf_counter) -> float:
     """Best of `reps` steps, in seconds of `clock` (wall: perf_counter; cpu: process_time, all threads)."""
+    return best_of(lambda: step(module, x, g), reps, x.device, clock)
+
+
+def best_of(fn, reps: int, device, clock=time.perf_counter) -> float:
+    """The fastest of `reps` calls of fn(), in seconds of `clock` (CUDA synchronised around each call)."""
     best = float("inf")
     for _ in range(reps):
-        if x.is_cuda:
+        if device.type == "cuda":
             torch.cuda.synchronize()
         t0 = clock()
-        step(module, x, g)
-        if x.is_cuda:
+        fn()
+        if device.type == "cuda":
             torch.cuda.synchronize()
         best = min(best, clock() - t0)
     return best
@@ -219,23 +224,10 @@ def routing_rows(args, device) -> list[list]:
                 run(fn)
             for _ in range(args.rounds):
                 for k, fn in fns.items():
-                    t[k].append(time_steps_fn(lambda: run(fn), args.reps, device))
+                    t[k].append(best_of(lambda: run(fn), args.reps, device))
             ratio = [a / b for a, b in zip(t["top1_route"], t["reference"])]
             rows.append([n, e, *(summary([1e3 * v for v in t[k]], ".3f") for k in fns), summary(ratio)])
     return rows
-
-
-def time_steps_fn(fn, reps: int, device) -> float:
-    best = float("inf")
-    for _ in range(reps):
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t0 = time.perf_counter()
-        fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        best = min(best, time.perf_counter() - t0)
-    return best
 
 
 def summary(values: list[float], fmt: str = ".2f") -> str:
