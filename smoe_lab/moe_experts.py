@@ -61,14 +61,6 @@ class Experts(nn.Module):
         graph = torch.is_grad_enabled() and any(t.requires_grad for t in (x, scale, *self.parameters()))
         return self.pool if graph else scratch_pool()
 
-    def forward_grouped(self, xs: Tensor, counts: list[int]) -> Tensor:
-        """xs [M, d_model] sorted by expert (counts[e] rows for expert e) -> [M, d_model]; no padding."""
-        m = xs.shape[0]
-        rows = torch.arange(m, device=xs.device)
-        scale = torch.ones(m, dtype=xs.dtype, device=xs.device)
-        args = (self.w_in, self.b_in, self.w_out, self.b_out)
-        return _GroupedMoE.apply(xs, scale, rows, rows, list(counts), self.pool_for(xs, scale), *args)
-
     def forward_one(self, e: int, x: Tensor) -> Tensor:
         """Expert e on x [n, d_model] (reference path)."""
         return gelu(x @ self.w_in[e] + self.b_in[e]) @ self.w_out[e] + self.b_out[e]
