@@ -122,15 +122,16 @@ class _Top1Softmax(torch.autograd.Function):
     def forward(ctx, logits: Tensor, valid_w: Tensor | None, denom: int):
         lf = logits if logits.dtype == torch.float64 else logits.float()  # fp32 like DeepSpeed (fp64 kept)
         t = logits.shape[1] < _FEW_EXPERTS
-        if t:  # work on [E, N]; gates is handed out as its [N, E] view
-            pt = F.softmax(lf.t(), dim=0)  # [E, N]
-            gate, expert_index = pt.max(0)  # the first maximal index, as argmax
-            me = pt.mean(1) if valid_w is None else pt @ valid_w / denom  # [E]
-            gates = pt.t()
-        else:
-            gates = F.softmax(lf, dim=1)  # [N, E]
-            gate, expert_index = gates.max(1)
-            me = gates.mean(0) if valid_w is None else valid_w @ gates / denom
+        with torch.autocast(logits.device.type, enabled=False):  # the masked mean is a matmul: keep it in fp32
+            if t:  # work on [E, N]; gates is handed out as its [N, E] view
+                pt = F.softmax(lf.t(), dim=0)  # [E, N]
+                gate, expert_index = pt.max(0)  # the first maximal index, as argmax
+                me = pt.mean(1) if valid_w is None else pt @ valid_w / denom  # [E]
+                gates = pt.t()
+            else:
+                gates = F.softmax(lf, dim=1)  # [N, E]
+                gate, expert_index = gates.max(1)
+                me = gates.mean(0) if valid_w is None else valid_w @ gates / denom
         ctx.save_for_backward(gates, gate, expert_index, valid_w)
         ctx.denom, ctx.transposed, ctx.logits_dtype = denom, t, logits.dtype
         ctx.mark_non_differentiable(expert_index)

@@ -412,3 +412,15 @@ def test_queue_position_counts_each_expert_in_token_order(e):
     for j in range(e):
         sel = valid & (idx == j)
         assert pos[sel].tolist() == list(range(int(sel.sum())))
+
+
+@pytest.mark.parametrize("e", [4, 32])
+def test_top1_route_under_autocast_keeps_the_masked_aux_loss_in_fp32(e):
+    g = torch.Generator().manual_seed(e)
+    logits = torch.randn(64, e, generator=g)
+    mask = torch.rand(64, generator=g) > 0.3
+    ref = top1_route(logits, 1.0, 1, mask=mask)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        r = top1_route(logits, 1.0, 1, mask=mask)
+    assert r.aux_loss.dtype == torch.float32
+    assert torch.allclose(r.aux_loss, ref.aux_loss, rtol=1e-6)
