@@ -78,14 +78,13 @@ def top1_route(
         raise ValueError(f"top1_route: logits must be [N, E], got shape {tuple(logits.shape)}")
     n, e = logits.shape
     if mask is None:
-        valid, valid_w, n_valid = None, None, n
+        valid, n_valid = None, n
     else:  # the one host read with a mask: DeepSpeed's capacity rule needs the number of real tokens
         valid = mask.reshape(n).bool()
         n_valid = int(valid.sum())
-        valid_w = valid.to(torch.float64 if logits.dtype == torch.float64 else torch.float32)
     # Aux loss over real tokens only: P_i = mean prob (me), f_i = routed share (ce).
     denom = max(n_valid, 1)
-    gates, gate, expert_index, me = _Top1Softmax.apply(logits, valid_w, denom)
+    gates, gate, expert_index, me = _Top1Softmax.apply(logits, valid, denom)
     routed_counts = count_per_expert(expert_index, e, valid)  # [E]
     ce = routed_counts.to(me.dtype) / denom  # [E]
     aux_loss = torch.dot(me, ce) * e
@@ -111,7 +110,7 @@ _FEW_EXPERTS = 16
 
 class _Top1Softmax(torch.autograd.Function):
     """logits [N, E] -> (gates [N, E] softmax in at least fp32, gate [N] its largest value, expert_index [N] the
-    first index of that value, me [E] the mean of gates over real tokens); valid_w [N] 0/1 (None: all real).
+    first index of that value, me [E] the mean of gates over real tokens); valid [N] bool (None: all real).
 
     One node with a closed-form backward instead of softmax -> gather -> mean: with G = dL/dgates (the gate's and
     me's gradients scattered into [N, E]), dL/dlogits = p * (G - <G, p>) row by row, computed in two passes over
@@ -119,8 +118,9 @@ class _Top1Softmax(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, logits: Tensor, valid_w: Tensor | None, denom: int):
+    def forward(ctx, logits: Tensor, valid: Tensor | None, denom: int):
         lf = logits if logits.dtype == torch.float64 else logits.float()  # fp32 like DeepSpeed (fp64 kept)
+        valid_w = None if valid is None else valid.to(lf.dtype)  # [N] 0/1
         t = logits.shape[1] < _FEW_EXPERTS
         with torch.autocast(logits.device.type, enabled=False):  # the masked mean is a matmul: keep it in fp32
             if t:  # work on [E, N]; gates is handed out as its [N, E] view
@@ -201,7 +201,8 @@ def top1_route_reference(
     aux_loss = torch.sum(me * routed_counts.to(gates.dtype) / denom) * e
     key = torch.where(valid, expert_index, e)
     order = torch.sort(key, stable=True).indices
-    group_start = torch.cumsum(count_per_expert(key, e + 1), 0) - count_per_expert(key, e + 1)
+    group_sizes = count_per_expert(key, e + 1)
+    group_start = torch.cumsum(group_sizes, 0) - group_sizes
     position = torch.empty_like(expert_index)
     position[order] = torch.arange(n, device=logits.device) - group_start[key[order]]
     if drop_tokens:

@@ -383,11 +383,11 @@ def test_top1_softmax_backward_passes_gradcheck(e):
 
     g = torch.Generator().manual_seed(1)
     logits = torch.randn(23, e, generator=g, dtype=torch.float64, requires_grad=True)
-    valid_w = (torch.rand(23, generator=g) > 0.3).double()
-    for vw, denom in ((None, 23), (valid_w, int(valid_w.sum()))):
+    valid = torch.rand(23, generator=g) > 0.3
+    for v, denom in ((None, 23), (valid, int(valid.sum()))):
 
         def gates_gate_me(lo):  # the three differentiable outputs (expert_index is not)
-            gates, gate, _, me = _Top1Softmax.apply(lo, vw, denom)
+            gates, gate, _, me = _Top1Softmax.apply(lo, v, denom)
             return gates, gate, me
 
         assert torch.autograd.gradcheck(gates_gate_me, (logits,))
