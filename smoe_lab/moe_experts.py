@@ -214,20 +214,19 @@ class _GroupedMoE(torch.autograd.Function):
         ys = _new("ys", (m + 1, d), x, pool)  # [M + 1, d]; the last row is the zero output of dropped tokens
         ys[m] = 0
         _per_expert(torch.addmm, live, b_out.unbind(0), a.split(counts), w_out.unbind(0), ys[:m].split(counts))
-        ctx.counts, ctx.pool = counts, pool
+        ctx.counts, ctx.live, ctx.pool = counts, live, pool
         ctx.save_for_backward(xs, h, a, ys, scale, src, row, w_in, w_out)
         return ys.index_select(0, row).mul_(scale.to(ys.dtype).unsqueeze(1))  # [N, d]
 
     @staticmethod
     def backward(ctx, grad_out):
         xs, h, a, ys, scale, src, row, w_in, w_out = ctx.saved_tensors
-        counts, pool = ctx.counts, ctx.pool
+        counts, live, pool = ctx.counts, ctx.live, ctx.pool
         tmp = scratch_pool() if pool is not None else None
         need_x, need_scale = ctx.needs_input_grad[:2]
         need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[6:]
         need_gh = need_x or need_w_in or need_b_in
         m, n, d, f, num_e = src.numel(), row.numel(), xs.shape[1], h.shape[1], len(counts)
-        live = [e for e, c in enumerate(counts) if c]
         grad_scale = gw_in = gb_in = gw_out = gb_out = grad_x = None
         g = torch.index_select(grad_out, 0, src, out=_new("g", (m, d), xs, tmp))  # [M, d] in slot order
         if need_scale:  # d out / d scale = the unscaled expert output of the token (0 for dropped tokens)
